@@ -1,0 +1,527 @@
+//! The router's configuration: one TOML file, deserialised into typed structs.
+//! Unknown keys are rejected, and every error names the file, the line and the reason,
+//! so `switchyard check-config` can be wired into an operator's deploy pipeline.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration error, already carrying its location.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `host:port`; port 0 asks the OS for a free port (the bound address is printed).
+    pub addr: SocketAddr,
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; relative paths are resolved against the config file.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest accepted request body; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Largest non-streaming upstream response the router buffers (to be able to retry it).
+    pub max_response_bytes: usize,
+    /// A client must finish sending its request headers within this time.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A client must finish sending its request body within this time.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// On SIGTERM/SIGINT, in-flight requests and streams get this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 4 << 20,
+            max_response_bytes: 16 << 20,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    #[serde(default)]
+    pub circuit_breaker: BreakerConfig,
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+    pub endpoints: Spanned<Vec<EndpointConfig>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect to an endpoint.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// A non-streaming attempt must be answered in full within this time.
+    #[serde(with = "humantime_serde")]
+    pub request: Duration,
+    /// A streaming attempt must deliver its first chunk within this time.
+    #[serde(with = "humantime_serde")]
+    pub first_byte: Duration,
+    /// Longest silence between two chunks of a stream.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(1),
+            request: Duration::from_secs(60),
+            first_byte: Duration::from_secs(30),
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts per request, the first included (1 disables retries).
+    pub max_attempts: u32,
+    /// Retries may add at most this share of the model's traffic (Finagle-style budget).
+    pub budget_ratio: f64,
+    /// Retries always allowed per second, so a quiet model can still fail over.
+    pub min_retries_per_sec: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 3,
+            budget_ratio: 0.2,
+            min_retries_per_sec: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    pub enabled: bool,
+    pub path: String,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A check slower than this counts as failed (the seed design uses 2 s).
+    #[serde(with = "humantime_serde")]
+    pub max_latency: Duration,
+    /// Consecutive failed checks before an endpoint is marked unhealthy.
+    pub unhealthy_after: u32,
+    /// Consecutive passed checks before an unhealthy endpoint is healthy again.
+    pub healthy_after: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            enabled: true,
+            path: "/health".into(),
+            interval: Duration::from_secs(2),
+            max_latency: Duration::from_secs(2),
+            unhealthy_after: 2,
+            healthy_after: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Rolling window over which the server-side failure ratio is computed.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Requests the window must hold before the ratio may open the circuit.
+    pub min_requests: u32,
+    /// Share of server-side failures (5xx, resets, timeouts; never 4xx) that opens it.
+    pub failure_ratio: f64,
+    /// How long an open circuit rejects traffic before half-open probes.
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+    /// Concurrent probes let through while half-open.
+    pub half_open_probes: u32,
+    /// Successful probes that close the circuit again.
+    pub close_after: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            window: Duration::from_secs(10),
+            min_requests: 20,
+            failure_ratio: 0.5,
+            open_for: Duration::from_secs(10),
+            half_open_probes: 1,
+            close_after: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Consecutive server-side failures that eject an endpoint (0 disables ejection).
+    pub consecutive_failures: u32,
+    /// First ejection time; each further ejection doubles it, up to `max_ejection`.
+    #[serde(with = "humantime_serde")]
+    pub base_ejection: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_ejection: Duration,
+    /// Never eject more than this share of a model's endpoints at once.
+    pub max_ejected_share: f64,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_share: 0.5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Base URL of the model server, e.g. `http://127.0.0.1:9001`.
+    pub url: UpstreamUrl,
+    /// Display name in metrics and headers; defaults to `host:port`.
+    pub name: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Free-form labels, e.g. `version = "v2"` for canary rollout.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_region() -> String {
+    "local".into()
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// An upstream base URL, validated while deserialising so the error points at it.
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// Path prefix without a trailing slash ("" for none).
+    pub prefix: String,
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let s = String::deserialize(d)?;
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| D::Error::custom(format!("invalid url {s:?}: {e}")))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| D::Error::custom(format!("url {s:?} needs a scheme (http://)")))?;
+        if scheme != http::uri::Scheme::HTTP {
+            return Err(D::Error::custom(format!(
+                "url {s:?}: only http:// upstreams are supported (model servers run on the same host or a trusted network)"
+            )));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| D::Error::custom(format!("url {s:?} has no host")))?;
+        if authority.port_u16().is_none() {
+            return Err(D::Error::custom(format!(
+                "url {s:?} needs an explicit port"
+            )));
+        }
+        if uri.query().is_some() {
+            return Err(D::Error::custom(format!(
+                "url {s:?} must not carry a query"
+            )));
+        }
+        let prefix = uri.path().trim_end_matches('/').to_string();
+        Ok(UpstreamUrl {
+            scheme,
+            authority,
+            prefix,
+        })
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.prefix)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative TLS paths are made absolute.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            reason: format!("cannot read: {e}"),
+        })?;
+        let mut cfg = Config::parse(path, &text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for l in &mut cfg.listeners {
+            if let Some(tls) = &mut l.tls {
+                tls.cert = base.join(&tls.cert);
+                tls.key = base.join(&tls.key);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text; `path` only labels errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err_at = |span: Option<std::ops::Range<usize>>, reason: String| {
+            let (line, column) = match span {
+                Some(s) => {
+                    let (l, c) = line_col(text, s.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            ConfigError {
+                file: path.to_path_buf(),
+                line,
+                column,
+                reason,
+            }
+        };
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| err_at(e.span(), e.message().trim().to_string()))?;
+
+        if cfg.listeners.is_empty() {
+            return Err(err_at(
+                None,
+                "at least one [[listeners]] entry is required".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        for m in &cfg.models {
+            let span = Some(m.name.span());
+            let name = m.name.get_ref();
+            if name.is_empty() {
+                return Err(err_at(span, "model name must not be empty".into()));
+            }
+            if !names.insert(name.clone()) {
+                return Err(err_at(span, format!("model {name:?} is defined twice")));
+            }
+            if m.endpoints.get_ref().is_empty() {
+                return Err(err_at(
+                    Some(m.endpoints.span()),
+                    format!("model {name:?} needs at least one endpoint"),
+                ));
+            }
+            let check = |ok: bool, what: &str| {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(err_at(span.clone(), format!("model {name:?}: {what}")))
+                }
+            };
+            check(
+                m.retry.max_attempts >= 1,
+                "retry.max_attempts must be at least 1",
+            )?;
+            check(
+                (0.0..=1.0).contains(&m.retry.budget_ratio),
+                "retry.budget_ratio must be within 0..=1",
+            )?;
+            check(
+                m.circuit_breaker.failure_ratio > 0.0 && m.circuit_breaker.failure_ratio <= 1.0,
+                "circuit_breaker.failure_ratio must be within (0, 1]",
+            )?;
+            check(
+                m.circuit_breaker.half_open_probes >= 1,
+                "circuit_breaker.half_open_probes must be at least 1",
+            )?;
+            check(
+                m.circuit_breaker.close_after >= 1,
+                "circuit_breaker.close_after must be at least 1",
+            )?;
+            check(
+                !m.circuit_breaker.window.is_zero(),
+                "circuit_breaker.window must be positive",
+            )?;
+            check(
+                (0.0..=1.0).contains(&m.outlier.max_ejected_share),
+                "outlier.max_ejected_share must be within 0..=1",
+            )?;
+            check(
+                !m.health_check.interval.is_zero(),
+                "health_check.interval must be positive",
+            )?;
+            check(
+                m.health_check.path.starts_with('/'),
+                "health_check.path must start with '/'",
+            )?;
+            check(
+                m.health_check.unhealthy_after >= 1 && m.health_check.healthy_after >= 1,
+                "health_check thresholds must be at least 1",
+            )?;
+            let mut seen = HashSet::new();
+            for ep in m.endpoints.get_ref() {
+                check(ep.weight >= 1, "endpoint weight must be at least 1")?;
+                let ep_name = ep.display_name();
+                if !seen.insert(ep_name.clone()) {
+                    return Err(err_at(
+                        Some(m.endpoints.span()),
+                        format!("model {name:?}: endpoint {ep_name:?} is listed twice"),
+                    ));
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+impl EndpointConfig {
+    pub fn display_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.url.authority.to_string())
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    const GOOD: &str = r#"
+[[listeners]]
+addr = "127.0.0.1:0"
+
+[[models]]
+name = "m"
+[[models.endpoints]]
+url = "http://127.0.0.1:9001"
+"#;
+
+    #[test]
+    fn accepts_a_minimal_file_with_defaults() {
+        let cfg = parse(GOOD).unwrap();
+        assert_eq!(cfg.models[0].retry.max_attempts, 3);
+        assert_eq!(
+            cfg.models[0].health_check.max_latency,
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            cfg.models[0].endpoints.get_ref()[0].display_name(),
+            "127.0.0.1:9001"
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let text = GOOD.replace("name = \"m\"", "name = \"m\"\nbogus = 1");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(7), "{err}");
+        assert!(err.reason.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn bad_url_names_its_line() {
+        let text = GOOD.replace("http://127.0.0.1:9001", "ftp://x:1");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(8), "{err}");
+        assert!(err.to_string().starts_with("test.toml:8:"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_model_is_rejected_at_second_definition() {
+        let text = format!(
+            "{GOOD}\n[[models]]\nname = \"m\"\n[[models.endpoints]]\nurl = \"http://127.0.0.1:9002\"\n"
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(11), "{err}");
+        assert!(err.reason.contains("defined twice"));
+    }
+}

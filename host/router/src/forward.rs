@@ -1,0 +1,389 @@
+//! Forwarding: try the selected endpoints in order, within the retry budget, and relay
+//! the answer. Non-streaming answers are read in full before the client sees them, so a
+//! failure anywhere in them can still move to another endpoint. Streams are held back
+//! until their first chunk arrives, so a stream is retried exactly while nothing has
+//! been sent to the client; after that it is relayed chunk by chunk.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{RelayBody, ResBody, boxed_full};
+use crate::error::ApiError;
+use crate::outcome::RequestRecord;
+use crate::router::Model;
+use crate::select::{RequestFacts, sanitize};
+use crate::upstream::{Attempt, Endpoint, Outcome, now_ms};
+
+pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A pooled keep-alive client for one model's endpoints.
+pub fn client(connect_timeout: Duration) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(30)));
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .build(http)
+}
+
+/// Why an attempt failed. Every variant is a server-side failure and may be retried.
+enum Failure {
+    Connect(String),
+    Broken(String),
+    Timeout,
+    /// A 5xx answer, kept whole in case it is the last one: then the client gets it as is.
+    Status(http::response::Parts, Bytes),
+}
+
+/// The parts of the client's request that every attempt reuses.
+pub struct Outbound<'a> {
+    pub parts: &'a http::request::Parts,
+    pub body: Bytes,
+    pub client_addr: Option<std::net::SocketAddr>,
+    pub tls: bool,
+}
+
+pub async fn forward(
+    model: &Arc<Model>,
+    facts: RequestFacts<'_>,
+    out: Outbound<'_>,
+    record: RequestRecord,
+    max_response_bytes: usize,
+) -> Response<ResBody> {
+    let pool = &model.pool;
+    let now = now_ms();
+    let mut snapshot = Vec::with_capacity(pool.endpoints.len());
+    pool.snapshot_into(now, &mut snapshot);
+    let mut ranked = Vec::with_capacity(pool.endpoints.len());
+    model.selector().select(&facts, &snapshot, &mut ranked);
+    sanitize(&mut ranked, &snapshot);
+    if ranked.is_empty() {
+        return reply_error(
+            record,
+            ApiError::no_healthy_endpoint(&pool.model, pool.retry_after_secs(now)),
+        );
+    }
+    pool.budget.deposit(now);
+
+    let headers = upstream_headers(&out);
+    let mut attempts = 0u32;
+    let mut last: Option<Failure> = None;
+    let mut record = record;
+    for &index in ranked.iter() {
+        if attempts >= model.retry.max_attempts {
+            break;
+        }
+        if attempts > 0 {
+            if !pool.budget.try_withdraw(now_ms()) {
+                model.metrics.budget_exhausted.inc();
+                break;
+            }
+            model.metrics.retries.inc();
+        }
+        let endpoint = &pool.endpoints[index as usize];
+        let Some(attempt) = pool.start(endpoint) else {
+            continue;
+        };
+        attempts += 1;
+        let req = upstream_request(endpoint, &out, &headers);
+        let result = if facts.stream {
+            try_stream(model, req, attempt, record, attempts).await
+        } else {
+            try_whole(model, req, attempt, record, attempts, max_response_bytes).await
+        };
+        match result {
+            Ok(res) => return res,
+            Err((failure, r)) => {
+                record = r;
+                tracing::debug!(model = %pool.model, endpoint = %endpoint.name, attempt = attempts, "attempt failed: {}", failure.describe());
+                last = Some(failure);
+            }
+        }
+    }
+
+    match last {
+        Some(Failure::Status(parts, body)) => {
+            finish_record(record, Some(attempt_name(&parts)), parts.status);
+            Response::from_parts(parts, boxed_full(body))
+        }
+        Some(Failure::Timeout) => reply_error(record, ApiError::upstream_timeout(&pool.model)),
+        Some(f @ (Failure::Connect(_) | Failure::Broken(_))) => {
+            reply_error(record, ApiError::upstream_failed(&pool.model, f.describe()))
+        }
+        // Every candidate was a half-open circuit already busy with its probe.
+        None => reply_error(
+            record,
+            ApiError::no_healthy_endpoint(&pool.model, pool.retry_after_secs(now_ms())),
+        ),
+    }
+}
+
+fn parts_endpoint(parts: &http::response::Parts) -> Option<&str> {
+    parts.headers.get(X_ENDPOINT).and_then(|v| v.to_str().ok())
+}
+
+fn reply_error(record: RequestRecord, err: ApiError) -> Response<ResBody> {
+    finish_record(record, None, err.status);
+    err.into_response()
+}
+
+impl Failure {
+    fn describe(&self) -> String {
+        match self {
+            Failure::Connect(e) => format!("connect: {e}"),
+            Failure::Broken(e) => format!("connection broken: {e}"),
+            Failure::Timeout => "timed out".into(),
+            Failure::Status(p, _) => format!("status {}", p.status),
+        }
+    }
+}
+
+fn classify(e: hyper_util::client::legacy::Error) -> Failure {
+    if e.is_connect() {
+        Failure::Connect(error_chain(&e))
+    } else {
+        Failure::Broken(error_chain(&e))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// A non-streaming attempt: the whole answer within `timeouts.request`.
+async fn try_whole(
+    model: &Model,
+    req: Request<Full<Bytes>>,
+    attempt: Attempt,
+    record: RequestRecord,
+    attempts: u32,
+    max_response_bytes: usize,
+) -> Result<Response<ResBody>, (Failure, RequestRecord)> {
+    let exchange = async {
+        let res = model.client.request(req).await.map_err(classify)?;
+        let (parts, body) = res.into_parts();
+        let bytes = Limited::new(body, max_response_bytes)
+            .collect()
+            .await
+            .map_err(|e| Failure::Broken(error_chain(&*e)))?
+            .to_bytes();
+        Ok((parts, bytes))
+    };
+    let result = match tokio::time::timeout(model.timeouts.request, exchange).await {
+        Err(_) => Err(Failure::Timeout),
+        Ok(r) => r,
+    };
+    let (mut parts, bytes) = match result {
+        Ok(answer) => answer,
+        Err(f) => {
+            attempt.finish(Outcome::ServerFailure, None);
+            return Err((f, record));
+        }
+    };
+    response_headers(&mut parts.headers, attempt.endpoint(), attempts);
+    if parts.status.is_server_error() {
+        attempt.finish(Outcome::ServerFailure, None);
+        return Err((Failure::Status(parts, bytes), record));
+    }
+    let outcome = if parts.status.is_client_error() {
+        Outcome::ClientError
+    } else {
+        Outcome::Success
+    };
+    let endpoint = attempt.endpoint().name_arc.clone();
+    attempt.finish(outcome, None);
+    // The body is already here: as far as the router's work goes the request is complete.
+    finish_record(record, Some(endpoint), parts.status);
+    Ok(Response::from_parts(parts, boxed_full(bytes)))
+}
+
+fn finish_record(mut record: RequestRecord, endpoint: Option<Arc<str>>, status: StatusCode) {
+    let now = Instant::now();
+    record.answered(endpoint, status.as_u16(), now);
+    record.finish(Some(now));
+}
+
+/// A streaming attempt: headers and first chunk within `timeouts.first_byte`, then relayed.
+async fn try_stream(
+    model: &Model,
+    req: Request<Full<Bytes>>,
+    attempt: Attempt,
+    mut record: RequestRecord,
+    attempts: u32,
+) -> Result<Response<ResBody>, (Failure, RequestRecord)> {
+    let started = Instant::now();
+    let head = async {
+        let res = model.client.request(req).await.map_err(classify)?;
+        let (parts, mut body) = res.into_parts();
+        if parts.status.is_server_error() {
+            let bytes = Limited::new(body, 64 * 1024)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            return Err(Failure::Status(parts, bytes));
+        }
+        // Wait for the first data frame: until then the client has seen nothing.
+        let first = loop {
+            match body.frame().await {
+                None => break None,
+                Some(Err(e)) => return Err(Failure::Broken(error_chain(&e))),
+                Some(Ok(f)) if f.data_ref().is_some_and(|d| d.is_empty()) => continue,
+                Some(Ok(f)) => break Some(f),
+            }
+        };
+        Ok((parts, body, first))
+    };
+    let head = match tokio::time::timeout(model.timeouts.first_byte, head).await {
+        Err(_) => Err(Failure::Timeout),
+        Ok(r) => r,
+    };
+    let (mut parts, body, first) = match head {
+        Ok(h) => h,
+        Err(mut f) => {
+            if let Failure::Status(parts, _) = &mut f {
+                response_headers(&mut parts.headers, attempt.endpoint(), attempts);
+            }
+            attempt.finish(Outcome::ServerFailure, None);
+            return Err((f, record));
+        }
+    };
+    response_headers(&mut parts.headers, attempt.endpoint(), attempts);
+    let ttfb = started.elapsed();
+    let outcome = if parts.status.is_client_error() {
+        Outcome::ClientError
+    } else {
+        Outcome::Success
+    };
+    let Some(first) = first else {
+        attempt.finish(outcome, Some(ttfb));
+        finish_record(record, Some(attempt_name(&parts)), parts.status);
+        return Ok(Response::from_parts(parts, boxed_full(Bytes::new())));
+    };
+    record.answered(
+        Some(attempt.endpoint().name_arc.clone()),
+        parts.status.as_u16(),
+        Instant::now(),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = RelayBody::new(
+        first,
+        body,
+        model.timeouts.idle,
+        attempt,
+        record,
+        ttfb,
+        outcome,
+    );
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+fn attempt_name(parts: &http::response::Parts) -> Arc<str> {
+    Arc::from(parts_endpoint(parts).unwrap_or("unknown"))
+}
+
+const X_ENDPOINT: &str = "x-switchyard-endpoint";
+const X_ATTEMPTS: &str = "x-switchyard-attempts";
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(n);
+    }
+}
+
+/// The client's headers as every attempt sends them.
+fn upstream_headers(out: &Outbound<'_>) -> HeaderMap {
+    let mut h = out.parts.headers.clone();
+    strip_hop_by_hop(&mut h);
+    h.remove(header::HOST);
+    h.remove(header::CONTENT_LENGTH);
+    if let Some(addr) = out.client_addr {
+        let ip = addr.ip().to_string();
+        let value = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip,
+        };
+        if let Ok(v) = HeaderValue::try_from(value) {
+            h.insert("x-forwarded-for", v);
+        }
+    }
+    h.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if out.tls { "https" } else { "http" }),
+    );
+    h
+}
+
+fn upstream_request(
+    ep: &Endpoint,
+    out: &Outbound<'_>,
+    headers: &HeaderMap,
+) -> Request<Full<Bytes>> {
+    let pq = out.parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let uri = if ep.url.prefix.is_empty() {
+        http::Uri::builder()
+            .scheme(ep.url.scheme.clone())
+            .authority(ep.url.authority.clone())
+            .path_and_query(pq)
+    } else {
+        http::Uri::builder()
+            .scheme(ep.url.scheme.clone())
+            .authority(ep.url.authority.clone())
+            .path_and_query(format!("{}{pq}", ep.url.prefix))
+    }
+    .build()
+    .expect("endpoint url and request path were validated");
+    let mut req = Request::new(Full::new(out.body.clone()));
+    *req.method_mut() = out.parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers.clone();
+    req
+}
+
+fn response_headers(h: &mut HeaderMap, ep: &Endpoint, attempts: u32) {
+    strip_hop_by_hop(h);
+    h.insert(X_ENDPOINT, ep.header_value.clone());
+    if attempts > 1 {
+        h.insert(X_ATTEMPTS, HeaderValue::from(attempts));
+    }
+}

@@ -1,0 +1,19 @@
+//! Switchyard: a high-availability, OpenAI-compatible router for self-hosted LLMs.
+//!
+//! The request path, module by module:
+//! `listener` → `router` (dispatch) → `admission` → `select` → `forward` → `outcome`,
+//! with `upstream` holding endpoint state (health, breaker, ejection, retry budget)
+//! and `metrics` the Prometheus registry.
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod listener;
+pub mod metrics;
+pub mod outcome;
+pub mod router;
+pub mod select;
+pub mod upstream;

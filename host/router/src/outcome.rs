@@ -1,0 +1,105 @@
+//! The last step of the request path: what a request's answer was, fed to the metrics.
+//! (An attempt's outcome at its endpoint — health, breaker, EWMA — is recorded by
+//! `upstream::Attempt::finish`.)
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
+
+use crate::metrics::Metrics;
+
+/// Per-model metric handles, resolved once at start.
+pub struct ModelMetrics {
+    pub model: String,
+    pub requests: IntCounterVec,
+    pub in_flight: IntGauge,
+    pub duration: Histogram,
+    pub ttfb: Histogram,
+    pub retries: IntCounter,
+    pub budget_exhausted: IntCounter,
+}
+
+impl ModelMetrics {
+    pub fn new(m: &Metrics, model: &str) -> ModelMetrics {
+        ModelMetrics {
+            model: model.to_string(),
+            requests: m.requests.clone(),
+            in_flight: m.in_flight.with_label_values(&[model]),
+            duration: m.duration.with_label_values(&[model]),
+            ttfb: m.ttfb.with_label_values(&[model]),
+            retries: m.retries.with_label_values(&[model]),
+            budget_exhausted: m.retry_budget_exhausted.with_label_values(&[model]),
+        }
+    }
+}
+
+/// One request's metrics, from admission to the last byte. In-flight while it lives.
+pub struct RequestRecord {
+    metrics: Arc<ModelMetrics>,
+    started: Instant,
+    endpoint: Option<Arc<str>>,
+    status: u16,
+}
+
+impl RequestRecord {
+    pub fn begin(metrics: &Arc<ModelMetrics>, started: Instant) -> RequestRecord {
+        metrics.in_flight.inc();
+        RequestRecord {
+            metrics: metrics.clone(),
+            started,
+            endpoint: None,
+            status: 0,
+        }
+    }
+
+    pub fn answered(&mut self, endpoint: Option<Arc<str>>, status: u16, first_byte: Instant) {
+        self.endpoint = endpoint;
+        self.status = status;
+        self.metrics
+            .ttfb
+            .observe((first_byte - self.started).as_secs_f64());
+    }
+
+    /// Counts the request; `end` is when its last byte went out (None when the client left).
+    pub fn finish(self, end: Option<Instant>) {
+        let endpoint = self.endpoint.as_deref().unwrap_or("none");
+        let status = if end.is_none() && self.status == 200 {
+            499
+        } else {
+            self.status
+        };
+        let mut buf = itoa_buf();
+        self.metrics
+            .requests
+            .with_label_values(&[
+                self.metrics.model.as_str(),
+                endpoint,
+                status_str(status, &mut buf),
+            ])
+            .inc();
+        if let Some(end) = end {
+            self.metrics
+                .duration
+                .observe((end - self.started).as_secs_f64());
+        }
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+    }
+}
+
+fn itoa_buf() -> [u8; 3] {
+    [b'0'; 3]
+}
+
+fn status_str(status: u16, buf: &mut [u8; 3]) -> &str {
+    let s = status.min(999);
+    buf[0] = b'0' + (s / 100) as u8;
+    buf[1] = b'0' + (s / 10 % 10) as u8;
+    buf[2] = b'0' + (s % 10) as u8;
+    std::str::from_utf8(buf).expect("ascii digits")
+}

@@ -1,0 +1,214 @@
+//! The router's request dispatch: which path does what, and the per-model state the
+//! request path uses. The flow for inference calls is
+//! `admission::read_body` → `admission::parse_head` → `forward::forward` (select, attempt,
+//! relay) → `outcome` (metrics), with endpoint state updated by `upstream::Attempt`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use tokio::sync::watch;
+
+use crate::admission;
+use crate::body::{ResBody, boxed_full};
+use crate::config::{Config, Limits, RetryConfig, Timeouts};
+use crate::error::ApiError;
+use crate::forward::{self, Outbound, UpstreamClient};
+use crate::metrics::Metrics;
+use crate::outcome::{ModelMetrics, RequestRecord};
+use crate::select::{PowerOfTwoChoices, RequestFacts, Selector};
+use crate::upstream::{Pool, health, now_ms};
+
+/// Everything the router knows about one model.
+pub struct Model {
+    pub pool: Arc<Pool>,
+    pub timeouts: Timeouts,
+    pub retry: RetryConfig,
+    pub client: UpstreamClient,
+    pub metrics: Arc<ModelMetrics>,
+    /// The balancing policy; swapped live when a plugin is published.
+    selector: ArcSwap<Box<dyn Selector>>,
+}
+
+impl Model {
+    pub fn selector(&self) -> arc_swap::Guard<Arc<Box<dyn Selector>>> {
+        self.selector.load()
+    }
+
+    pub fn set_selector(&self, s: Box<dyn Selector>) {
+        self.selector.store(Arc::new(s));
+    }
+}
+
+pub struct Router {
+    pub models: HashMap<String, Arc<Model>>,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    models_json: Bytes,
+    draining: AtomicBool,
+    stop_tx: watch::Sender<bool>,
+}
+
+/// Where a request came from, as the listener saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: Option<SocketAddr>,
+    pub tls: bool,
+}
+
+impl Router {
+    /// Builds the router and starts its background tasks (health checks).
+    pub fn start(cfg: &Config) -> Arc<Router> {
+        let metrics = Arc::new(Metrics::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut models = HashMap::new();
+        for m in &cfg.models {
+            let name = m.name.get_ref().clone();
+            let pool = Arc::new(Pool::new(m, &metrics));
+            let client = forward::client(m.timeouts.connect);
+            health::spawn(
+                pool.clone(),
+                m.health_check.clone(),
+                client.clone(),
+                stop_rx.clone(),
+            );
+            let model = Model {
+                pool,
+                timeouts: m.timeouts.clone(),
+                retry: m.retry.clone(),
+                client,
+                metrics: Arc::new(ModelMetrics::new(&metrics, &name)),
+                selector: ArcSwap::from_pointee(Box::new(PowerOfTwoChoices) as Box<dyn Selector>),
+            };
+            models.insert(name, Arc::new(model));
+        }
+        let mut names: Vec<&String> = models.keys().collect();
+        names.sort();
+        let data: Vec<_> = names
+            .iter()
+            .map(|n| serde_json::json!({"id": n, "object": "model", "created": 0, "owned_by": "switchyard"}))
+            .collect();
+        let models_json = Bytes::from(
+            serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap(),
+        );
+        Arc::new(Router {
+            models,
+            limits: cfg.limits.clone(),
+            metrics,
+            models_json,
+            draining: AtomicBool::new(false),
+            stop_tx,
+        })
+    }
+
+    /// Marks the router as draining: `/readyz` fails so load balancers move away, and
+    /// background tasks stop. Requests keep being served until the listener closes.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let _ = self.stop_tx.send(true);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::SeqCst) && {
+            let now = now_ms();
+            self.models.is_empty() || self.models.values().any(|m| m.pool.any_available(now))
+        }
+    }
+
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ResBody> {
+        let path = req.uri().path();
+        match (req.method(), path) {
+            (&Method::POST, "/v1/chat/completions" | "/v1/completions") => {
+                self.infer(req, peer).await
+            }
+            (&Method::GET, "/v1/models") => json(StatusCode::OK, self.models_json.clone()),
+            (&Method::GET, "/healthz") => {
+                json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))
+            }
+            (&Method::GET, "/readyz") => {
+                if self.is_ready() {
+                    json(
+                        StatusCode::OK,
+                        Bytes::from_static(b"{\"status\":\"ready\"}"),
+                    )
+                } else {
+                    ApiError::not_ready().into_response()
+                }
+            }
+            (&Method::GET, "/metrics") => {
+                let mut res = Response::new(boxed_full(self.metrics.render()));
+                res.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                res
+            }
+            (
+                m,
+                p @ ("/v1/chat/completions"
+                | "/v1/completions"
+                | "/v1/models"
+                | "/healthz"
+                | "/readyz"
+                | "/metrics"),
+            ) => ApiError::method_not_allowed(m, p).into_response(),
+            (_, p) => ApiError::not_found(p).into_response(),
+        }
+    }
+
+    async fn infer(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ResBody> {
+        let started = Instant::now();
+        let (parts, body) = req.into_parts();
+        let body = match admission::read_body(
+            &parts.headers,
+            body,
+            self.limits.max_body_bytes,
+            self.limits.body_read_timeout,
+        )
+        .await
+        {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
+        let head = match admission::parse_head(&body) {
+            Ok(h) => h,
+            Err(e) => return e.into_response(),
+        };
+        let Some(model_name) = head.model.as_deref() else {
+            return ApiError::model_missing().into_response();
+        };
+        let Some(model) = self.models.get(model_name) else {
+            return ApiError::model_unknown(model_name).into_response();
+        };
+        let facts = RequestFacts {
+            model: model_name,
+            stream: head.stream.unwrap_or(false),
+            user: head.user.as_deref(),
+            attempt: 0,
+        };
+        let record = RequestRecord::begin(&model.metrics, started);
+        let out = Outbound {
+            parts: &parts,
+            body: body.clone(),
+            client_addr: peer.addr,
+            tls: peer.tls,
+        };
+        forward::forward(model, facts, out, record, self.limits.max_response_bytes).await
+    }
+}
+
+fn json(status: StatusCode, body: Bytes) -> Response<ResBody> {
+    let mut res = Response::new(boxed_full(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
