@@ -1,1 +1,12 @@
+//! End-to-end tests: the real `switchyard` binary, real sockets, scripted upstreams.
+//! One test binary, one file per concern.
 
+mod api;
+mod balancing;
+mod breaker;
+mod cli;
+mod failover;
+mod health;
+mod shutdown;
+mod streaming;
+mod tls;

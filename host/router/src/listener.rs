@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -76,7 +76,7 @@ pub async fn serve(cfg: &Config, router: Arc<Router>) -> anyhow::Result<()> {
                 let conn = Connection {
                     router: router.clone(),
                     builder: builder.clone(),
-                    graceful: graceful.clone(),
+                    watcher: graceful.watcher(),
                     tls: b.tls.clone(),
                     handshake_timeout,
                 };
@@ -106,7 +106,7 @@ pub async fn serve(cfg: &Config, router: Arc<Router>) -> anyhow::Result<()> {
 struct Connection {
     router: Arc<Router>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    graceful: Arc<GracefulShutdown>,
+    watcher: Watcher,
     tls: Option<TlsAcceptor>,
     handshake_timeout: Duration,
 }
@@ -125,7 +125,7 @@ impl Connection {
         match &self.tls {
             None => {
                 let conn = self.builder.serve_connection(TokioIo::new(stream), svc);
-                let _ = self.graceful.watch(conn.into_owned()).await;
+                let _ = self.watcher.watch(conn.into_owned()).await;
             }
             Some(acceptor) => {
                 let tls =
@@ -140,7 +140,7 @@ impl Connection {
                         Err(_) => return,
                     };
                 let conn = self.builder.serve_connection(TokioIo::new(tls), svc);
-                let _ = self.graceful.watch(conn.into_owned()).await;
+                let _ = self.watcher.watch(conn.into_owned()).await;
             }
         }
     }
