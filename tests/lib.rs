@@ -31,31 +31,23 @@ use tokio::task::AbortHandle;
 /// Path of the router binary, built once per test run so tests never run a stale one.
 pub fn router_bin() -> PathBuf {
     static BUILD: Once = Once::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "switchyard", "--bin", "switchyard"])
-            .current_dir(&root);
+        cmd.args(["build", "-q", "-p", "switchyard", "--bin", "switchyard"]).current_dir(&root);
         // The variables cargo sets for this test binary would otherwise reach build
         // scripts (ring watches some) and force a rebuild on every run.
         for (k, _) in std::env::vars_os() {
             let k = k.to_string_lossy();
-            if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR")
-                || k == "OUT_DIR"
-            {
+            if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR") || k == "OUT_DIR" {
                 cmd.env_remove(&*k);
             }
         }
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building the router failed");
     });
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
     target.join("debug").join("switchyard")
 }
 
@@ -91,6 +83,8 @@ pub struct Router {
     pub child: tokio::process::Child,
     /// Bound addresses in config order, with their scheme.
     pub addrs: Vec<(String, SocketAddr)>,
+    /// The admin listener, when the config enables one on port 0.
+    pub admin: Option<SocketAddr>,
     pub dir: TempDir,
     log: PathBuf,
 }
@@ -120,28 +114,24 @@ impl Router {
         let listeners = config.matches("[[listeners]]").count();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut addrs = Vec::new();
+        let mut admin = None;
         let deadline = Instant::now() + Duration::from_secs(30);
         while addrs.len() < listeners {
             let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
                 .await
                 .unwrap_or_else(|_| panic!("router did not bind in time; log:\n{}", read(&log)))
                 .unwrap();
-            let Some(line) = line else {
-                panic!("router exited early; log:\n{}", read(&log))
-            };
-            if let Some(rest) = line.strip_prefix("listening on ") {
+            let Some(line) = line else { panic!("router exited early; log:\n{}", read(&log)) };
+            if let Some(rest) = line.strip_prefix("admin listening on http://") {
+                admin = Some(rest.parse().unwrap());
+            } else if let Some(rest) = line.strip_prefix("listening on ") {
                 let (scheme, addr) = rest.split_once("://").unwrap();
                 addrs.push((scheme.to_string(), addr.parse().unwrap()));
             }
         }
         // Keep draining stdout so the router never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Router {
-            child,
-            addrs,
-            dir,
-            log,
-        }
+        Router { child, addrs, admin, dir, log }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -152,16 +142,35 @@ impl Router {
         format!("http://{}{}", self.addr(), path)
     }
 
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin.expect("admin listener"), path)
+    }
+
+    /// `GET /admin/plugins`, the entry for `name`.
+    pub async fn plugin_status(&self, name: &str) -> serde_json::Value {
+        let (status, _, body) = get(&self.admin_url("/admin/plugins")).await;
+        assert_eq!(status, 200);
+        json(&body)["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The plugin folder the router watches (`plugins/` beside its config).
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.dir.0.join("plugins")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().expect("router is running")
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
+        let ok =
+            std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
         assert!(ok.success());
     }
 
@@ -179,13 +188,7 @@ impl Router {
     }
 
     /// Polls a metric until `pred` holds (or panics after `within`).
-    pub async fn wait_metric(
-        &self,
-        name: &str,
-        labels: &[(&str, &str)],
-        within: Duration,
-        pred: impl Fn(f64) -> bool,
-    ) {
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], within: Duration, pred: impl Fn(f64) -> bool) {
         let deadline = Instant::now() + within;
         loop {
             if let Some(v) = self.metric(name, labels).await
@@ -193,11 +196,7 @@ impl Router {
             {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "metric {name}{labels:?} never matched; log:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "metric {name}{labels:?} never matched; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -206,11 +205,7 @@ impl Router {
 impl Drop for Router {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
-                "---- router log ({}) ----\n{}",
-                self.log.display(),
-                read(&self.log)
-            );
+            eprintln!("---- router log ({}) ----\n{}", self.log.display(), read(&self.log));
         }
     }
 }
@@ -218,11 +213,7 @@ impl Drop for Router {
 pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
+        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
@@ -301,19 +292,14 @@ impl Upstream {
                 let st2 = st.clone();
                 let task = tokio::spawn(async move {
                     let svc = service_fn(move |req| serve(st2.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });
                 st.conns.lock().unwrap().push(task.abort_handle());
             }
         })
         .abort_handle();
-        Upstream {
-            addr,
-            state,
-            accept,
-        }
+        Upstream { addr, state, accept }
     }
 
     pub fn url(&self) -> String {
@@ -362,27 +348,18 @@ impl Drop for Upstream {
 
 type UpBody = http_body_util::Either<Full<Bytes>, ChannelBody>;
 
-async fn serve(
-    st: Arc<UpstreamState>,
-    req: Request<Incoming>,
-) -> Result<Response<UpBody>, Infallible> {
+async fn serve(st: Arc<UpstreamState>, req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
     let script = st.script.lock().unwrap().clone();
     if req.uri().path() == "/health" {
         st.health_hits.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(script.health_delay).await;
-        let mut res = Response::new(http_body_util::Either::Left(Full::new(Bytes::from_static(
-            b"{\"status\":\"ok\"}",
-        ))));
+        let mut res =
+            Response::new(http_body_util::Either::Left(Full::new(Bytes::from_static(b"{\"status\":\"ok\"}"))));
         *res.status_mut() = StatusCode::from_u16(script.health_status).unwrap();
         return Ok(res);
     }
     st.hits.fetch_add(1, Ordering::SeqCst);
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
+    let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     *st.last_body.lock().unwrap() = Some(body.clone());
     let stream = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
@@ -416,8 +393,7 @@ async fn serve(
             let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
         });
         let mut res = Response::new(http_body_util::Either::Right(ChannelBody(rx)));
-        res.headers_mut()
-            .insert("content-type", "text/event-stream".parse().unwrap());
+        res.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
         return Ok(res);
     }
     let answer = format!(
@@ -425,8 +401,7 @@ async fn serve(
         st.name
     );
     let mut res = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(answer))));
-    res.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
+    res.headers_mut().insert("content-type", "application/json".parse().unwrap());
     Ok(res)
 }
 
@@ -437,10 +412,7 @@ impl Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }
@@ -460,29 +432,17 @@ pub async fn get(url: &str) -> (StatusCode, http::HeaderMap, Bytes) {
 }
 
 pub fn chat_body(model: &str, stream: bool) -> String {
-    format!(
-        "{{\"model\":\"{model}\",\"stream\":{stream},\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}"
-    )
+    format!("{{\"model\":\"{model}\",\"stream\":{stream},\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}")
 }
 
 pub fn post_req(url: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
-    Request::post(url)
-        .header("content-type", "application/json")
-        .body(Full::new(body.into()))
-        .unwrap()
+    Request::post(url).header("content-type", "application/json").body(Full::new(body.into())).unwrap()
 }
 
-pub async fn send(
-    c: &HttpClient,
-    req: Request<Full<Bytes>>,
-) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
+pub async fn send(c: &HttpClient, req: Request<Full<Bytes>>) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
     let res = c.request(req).await.map_err(|e| format!("{e:?}"))?;
     let (parts, body) = res.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .to_bytes();
+    let body = body.collect().await.map_err(|e| format!("{e:?}"))?.to_bytes();
     Ok((parts.status, parts.headers, body))
 }
 
@@ -491,14 +451,8 @@ pub async fn post(url: &str, body: impl Into<Bytes>) -> (StatusCode, http::Heade
 }
 
 /// Sends a streaming request; returns the status and each body frame with its arrival time.
-pub async fn post_stream(
-    url: &str,
-    body: impl Into<Bytes>,
-) -> (StatusCode, Vec<(Instant, Bytes)>, Result<(), String>) {
-    let res = client()
-        .request(post_req(url, body))
-        .await
-        .expect("stream request");
+pub async fn post_stream(url: &str, body: impl Into<Bytes>) -> (StatusCode, Vec<(Instant, Bytes)>, Result<(), String>) {
+    let res = client().request(post_req(url, body)).await.expect("stream request");
     let status = res.status();
     let mut body = res.into_body();
     let mut frames = Vec::new();
@@ -516,13 +470,12 @@ pub async fn post_stream(
 }
 
 pub fn json(body: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
 }
 
 /// A config with one plaintext listener on a free port, followed by `models`.
 pub fn config(models: &str) -> String {
-    format!("[[listeners]]\naddr = \"127.0.0.1:0\"\n\n{models}")
+    format!("[admin]\naddr = \"127.0.0.1:0\"\n\n[[listeners]]\naddr = \"127.0.0.1:0\"\n\n{models}")
 }
 
 /// A `[[models]]` block for `name` over `upstreams`, with fast health checks and
@@ -530,11 +483,111 @@ pub fn config(models: &str) -> String {
 pub fn model(name: &str, upstreams: &[&Upstream], extra: &str) -> String {
     let mut s = format!("[[models]]\nname = \"{name}\"\n{extra}\n");
     for u in upstreams {
-        s.push_str(&format!(
-            "[[models.endpoints]]\nurl = \"{}\"\nname = \"{}\"\n",
-            u.url(),
-            u.name()
-        ));
+        s.push_str(&format!("[[models.endpoints]]\nurl = \"{}\"\nname = \"{}\"\n", u.url(), u.name()));
     }
     s
+}
+
+// ---------------------------------------------------------------------------------------
+// Policy components
+
+/// Standard policies shipped in `policies/`.
+pub const STANDARD_POLICIES: [&str; 4] = ["round-robin", "weighted-round-robin", "least-request", "consistent-hash"];
+
+/// Test-kit behaviours (cargo features of `tests/policies/testkit`).
+pub const TESTKIT_MODES: [&str; 7] =
+    ["pin0", "pin2", "infinite-loop", "memory-bomb", "trap", "out-of-range", "time-bomb"];
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn clean_cargo(cmd: &mut std::process::Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR") || k == "OUT_DIR" {
+            cmd.env_remove(&*k);
+        }
+    }
+}
+
+fn cargo(args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(args).current_dir(workspace_root());
+    clean_cargo(&mut cmd);
+    let status = cmd.status().expect("run cargo");
+    assert!(status.success(), "cargo {args:?} failed");
+}
+
+/// Builds every standard policy and every test-kit behaviour into components, once per
+/// test run, and returns the folder holding `NAME.wasm` for each (test-kit ones are
+/// `testkit-MODE.wasm`, plus `testkit-wasi.wasm`, which imports WASI).
+pub fn policy_dir() -> PathBuf {
+    static BUILD: Once = Once::new();
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let out = target.join("test-policies");
+    BUILD.call_once(|| {
+        std::fs::create_dir_all(&out).unwrap();
+        // The toolchain file lists both targets, but a toolchain installed before it
+        // may lack them; adding an installed target is a no-op.
+        let _ = std::process::Command::new("rustup")
+            .args(["target", "add", "wasm32-unknown-unknown", "wasm32-wasip2"])
+            .current_dir(workspace_root())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let router = router_bin();
+        let componentize = |module: &Path, dest: &Path| {
+            let st = std::process::Command::new(&router)
+                .args(["plugin", "componentize"])
+                .arg(module)
+                .arg("-o")
+                .arg(dest)
+                .status()
+                .unwrap();
+            assert!(st.success(), "componentize {}", module.display());
+        };
+        let wasm = target.join("wasm32-unknown-unknown").join("release");
+        let mut args = vec!["build", "-q", "--release", "--target", "wasm32-unknown-unknown"];
+        let pkgs: Vec<String> = STANDARD_POLICIES.iter().map(|p| format!("policy-{p}")).collect();
+        for p in &pkgs {
+            args.push("-p");
+            args.push(p);
+        }
+        cargo(&args);
+        for p in STANDARD_POLICIES {
+            componentize(&wasm.join(format!("policy_{}.wasm", p.replace('-', "_"))), &out.join(format!("{p}.wasm")));
+        }
+        for mode in TESTKIT_MODES {
+            cargo(&[
+                "build",
+                "-q",
+                "--release",
+                "--target",
+                "wasm32-unknown-unknown",
+                "-p",
+                "policy-testkit",
+                "--features",
+                mode,
+            ]);
+            componentize(&wasm.join("policy_testkit.wasm"), &out.join(format!("testkit-{mode}.wasm")));
+        }
+        // Built for WASI, so the component imports wasi:cli and friends.
+        cargo(&["build", "-q", "--release", "--target", "wasm32-wasip2", "-p", "policy-testkit", "--features", "wasi"]);
+        std::fs::copy(target.join("wasm32-wasip2/release/policy_testkit.wasm"), out.join("testkit-wasi.wasm")).unwrap();
+    });
+    out
+}
+
+pub fn policy(name: &str) -> PathBuf {
+    policy_dir().join(format!("{name}.wasm"))
+}
+
+/// Publishes `src` as `dir/NAME.wasm` the documented way: write a hidden temp file, rename.
+pub fn publish_plugin(dir: &Path, name: &str, src: &Path) {
+    let tmp = dir.join(format!(".{name}.wasm.tmp"));
+    std::fs::copy(src, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
 }

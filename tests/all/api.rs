@@ -22,11 +22,7 @@ async fn each_bad_input_gets_its_status_and_json_error() {
         "[limits]\nmax_body_bytes = 2048\nbody_read_timeout = \"300ms\"\n\n{}",
         config(
             &(model("m", &[&up], "")
-                + &model(
-                    "slowpoke",
-                    &[&slow],
-                    "timeouts = { request = \"300ms\" }\nretry = { max_attempts = 1 }"
-                )
+                + &model("slowpoke", &[&slow], "timeouts = { request = \"300ms\" }\nretry = { max_attempts = 1 }")
                 + "[[models]]\nname = \"dead\"\nhealth_check = { interval = \"50ms\", unhealthy_after = 1 }\n\
                    [[models.endpoints]]\nurl = \"http://127.0.0.1:9\"\n")
         )
@@ -64,15 +60,9 @@ async fn each_bad_input_gets_its_status_and_json_error() {
             assert!((1..=30).contains(&secs));
             break;
         }
-        assert_eq!(
-            status, 502,
-            "before it is marked down, the connect error is a 502"
-        );
+        assert_eq!(status, 502, "before it is marked down, the connect error is a 502");
         assert_openai_error(&body, "upstream_error");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never marked unhealthy"
-        );
+        assert!(std::time::Instant::now() < deadline, "never marked unhealthy");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -103,18 +93,14 @@ async fn stalled_clients_are_cut_off_by_read_timeouts() {
         .await
         .unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .ok();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.ok();
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("\"request_timeout\""), "{text}");
 
     // Headers stall: the router closes the connection.
     let mut s = TcpStream::connect(router.addr()).await.unwrap();
-    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n").await.unwrap();
     let mut buf = [0u8; 256];
     let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
         .await

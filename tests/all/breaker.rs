@@ -14,11 +14,7 @@ async fn breaker_opens_on_5xx_not_on_4xx_then_recovers_through_half_open() {
     let url = router.url("/v1/chat/completions");
     let circuit = [("model", "m"), ("endpoint", "u")];
     let c = client();
-    let call = || async {
-        send(&c, post_req(&url, chat_body("m", false)))
-            .await
-            .unwrap()
-    };
+    let call = || async { send(&c, post_req(&url, chat_body("m", false))).await.unwrap() };
 
     // 4xx are the client's fault: the circuit stays closed and every request reaches the upstream.
     up.script(|s| s.status = 400);
@@ -26,12 +22,7 @@ async fn breaker_opens_on_5xx_not_on_4xx_then_recovers_through_half_open() {
         assert_eq!(call().await.0, 400);
     }
     assert_eq!(up.hits(), 20);
-    assert_eq!(
-        router
-            .metric("switchyard_endpoint_circuit_state", &circuit)
-            .await,
-        Some(0.0)
-    );
+    assert_eq!(router.metric("switchyard_endpoint_circuit_state", &circuit).await, Some(0.0));
 
     // 5xx: once half of the window failed, the circuit opens and requests stop reaching it.
     up.script(|s| s.status = 500);
@@ -47,18 +38,9 @@ async fn breaker_opens_on_5xx_not_on_4xx_then_recovers_through_half_open() {
             assert_eq!(status, 500);
         }
     }
-    assert_eq!(
-        up.hits(),
-        20,
-        "20 failures against 20 successes reach the 50% ratio"
-    );
+    assert_eq!(up.hits(), 20, "20 failures against 20 successes reach the 50% ratio");
     assert_eq!(rejected, 20);
-    assert_eq!(
-        router
-            .metric("switchyard_endpoint_circuit_state", &circuit)
-            .await,
-        Some(2.0)
-    );
+    assert_eq!(router.metric("switchyard_endpoint_circuit_state", &circuit).await, Some(2.0));
 
     // Half-open: after open_for one probe is let through; it fails, so the circuit re-opens.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -72,28 +54,18 @@ async fn breaker_opens_on_5xx_not_on_4xx_then_recovers_through_half_open() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(call().await.0, 200);
     assert_eq!(
-        router
-            .metric("switchyard_endpoint_circuit_state", &circuit)
-            .await,
+        router.metric("switchyard_endpoint_circuit_state", &circuit).await,
         Some(1.0),
         "half-open after one success"
     );
     assert_eq!(call().await.0, 200);
     assert_eq!(
-        router
-            .metric("switchyard_endpoint_circuit_state", &circuit)
-            .await,
+        router.metric("switchyard_endpoint_circuit_state", &circuit).await,
         Some(0.0),
         "closed after close_after successes"
     );
     for _ in 0..10 {
         assert_eq!(call().await.0, 200);
     }
-    assert!(
-        router
-            .metric("switchyard_circuit_opened_total", &circuit)
-            .await
-            .unwrap()
-            >= 2.0
-    );
+    assert!(router.metric("switchyard_circuit_opened_total", &circuit).await.unwrap() >= 2.0);
 }

@@ -6,22 +6,15 @@ use switchyard_e2e::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_one_upstream_under_load_without_client_errors() {
-    let ups = [
-        Upstream::start("a").await,
-        Upstream::start("b").await,
-        Upstream::start("c").await,
-    ];
+    let ups = [Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await];
     for u in &ups {
         // Slow enough that requests are in flight at the victim when it dies.
         u.script(|s| s.delay = Duration::from_millis(5));
     }
     let refs: Vec<&Upstream> = ups.iter().collect();
-    let router = Router::start(&config(&model(
-        "m",
-        &refs,
-        r#"health_check = { interval = "200ms", max_latency = "200ms" }"#,
-    )))
-    .await;
+    let router =
+        Router::start(&config(&model("m", &refs, r#"health_check = { interval = "200ms", max_latency = "200ms" }"#)))
+            .await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
@@ -29,13 +22,8 @@ async fn kills_one_upstream_under_load_without_client_errors() {
     let c = client();
     let mut workers = Vec::new();
     for _ in 0..8 {
-        let (c, url, stop, ok, retried) = (
-            c.clone(),
-            router.url("/v1/chat/completions"),
-            stop.clone(),
-            ok.clone(),
-            retried.clone(),
-        );
+        let (c, url, stop, ok, retried) =
+            (c.clone(), router.url("/v1/chat/completions"), stop.clone(), ok.clone(), retried.clone());
         workers.push(tokio::spawn(async move {
             let mut errors = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -47,9 +35,7 @@ async fn kills_one_upstream_under_load_without_client_errors() {
                         }
                         assert_eq!(json(&body)["object"], "chat.completion");
                     }
-                    Ok((status, _, body)) => {
-                        errors.push(format!("{status}: {}", String::from_utf8_lossy(&body)))
-                    }
+                    Ok((status, _, body)) => errors.push(format!("{status}: {}", String::from_utf8_lossy(&body))),
                     Err(e) => errors.push(e),
                 }
             }
@@ -66,39 +52,14 @@ async fn kills_one_upstream_under_load_without_client_errors() {
         errors.extend(w.await.unwrap());
     }
     assert!(errors.is_empty(), "client-visible errors: {errors:?}");
-    assert!(
-        victim_before > 20,
-        "the victim took traffic before it died ({victim_before})"
-    );
-    assert!(
-        ok.load(Ordering::Relaxed) > 300,
-        "steady load ran ({} ok)",
-        ok.load(Ordering::Relaxed)
-    );
-    assert!(
-        retried.load(Ordering::Relaxed) >= 1,
-        "some requests failed over to another endpoint"
-    );
+    assert!(victim_before > 20, "the victim took traffic before it died ({victim_before})");
+    assert!(ok.load(Ordering::Relaxed) > 300, "steady load ran ({} ok)", ok.load(Ordering::Relaxed));
+    assert!(retried.load(Ordering::Relaxed) >= 1, "some requests failed over to another endpoint");
     // The dead endpoint is taken out: by ejection or by the health checker.
-    let ejected = router
-        .metric("switchyard_endpoint_ejected", &[("endpoint", "b")])
-        .await
-        .unwrap();
-    let healthy = router
-        .metric("switchyard_endpoint_healthy", &[("endpoint", "b")])
-        .await
-        .unwrap();
-    assert!(
-        ejected == 1.0 || healthy == 0.0,
-        "ejected={ejected} healthy={healthy}"
-    );
-    assert!(
-        router
-            .metric("switchyard_retries_total", &[("model", "m")])
-            .await
-            .unwrap()
-            >= 1.0
-    );
+    let ejected = router.metric("switchyard_endpoint_ejected", &[("endpoint", "b")]).await.unwrap();
+    let healthy = router.metric("switchyard_endpoint_healthy", &[("endpoint", "b")]).await.unwrap();
+    assert!(ejected == 1.0 || healthy == 0.0, "ejected={ejected} healthy={healthy}");
+    assert!(router.metric("switchyard_retries_total", &[("model", "m")]).await.unwrap() >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,8 +74,7 @@ async fn retries_a_5xx_on_another_endpoint_and_reports_attempts() {
     )))
     .await;
     for _ in 0..20 {
-        let (status, headers, _) =
-            post(&router.url("/v1/chat/completions"), chat_body("m", false)).await;
+        let (status, headers, _) = post(&router.url("/v1/chat/completions"), chat_body("m", false)).await;
         assert_eq!(status, 200);
         assert_eq!(headers["x-switchyard-endpoint"], "good");
         if headers.contains_key("x-switchyard-attempts") {
@@ -126,11 +86,7 @@ async fn retries_a_5xx_on_another_endpoint_and_reports_attempts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_budget_caps_amplification_when_everything_fails() {
-    let ups = [
-        Upstream::start("a").await,
-        Upstream::start("b").await,
-        Upstream::start("c").await,
-    ];
+    let ups = [Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await];
     for u in &ups {
         u.script(|s| s.status = 500);
     }
@@ -145,12 +101,8 @@ async fn retry_budget_caps_amplification_when_everything_fails() {
     .await;
     let c = client();
     for _ in 0..200 {
-        let (status, _, body) = send(
-            &c,
-            post_req(&router.url("/v1/chat/completions"), chat_body("m", false)),
-        )
-        .await
-        .unwrap();
+        let (status, _, body) =
+            send(&c, post_req(&router.url("/v1/chat/completions"), chat_body("m", false))).await.unwrap();
         assert_eq!(status, 500, "the last upstream error is passed through");
         assert!(String::from_utf8_lossy(&body).contains("scripted 500"));
     }
@@ -158,11 +110,5 @@ async fn retry_budget_caps_amplification_when_everything_fails() {
     // Without a budget this would be 600 attempts; the budget allows ~10% plus a small floor.
     assert!(total <= 200 + 20 + 15, "attempts {total}");
     assert!(total > 200, "some retries were allowed ({total})");
-    assert!(
-        router
-            .metric("switchyard_retry_budget_exhausted_total", &[("model", "m")])
-            .await
-            .unwrap()
-            > 0.0
-    );
+    assert!(router.metric("switchyard_retry_budget_exhausted_total", &[("model", "m")]).await.unwrap() > 0.0);
 }

@@ -2,7 +2,8 @@ use std::time::Duration;
 
 use switchyard_e2e::*;
 
-const FAST_CHECKS: &str = r#"health_check = { interval = "100ms", max_latency = "200ms", unhealthy_after = 2, healthy_after = 2 }"#;
+const FAST_CHECKS: &str =
+    r#"health_check = { interval = "100ms", max_latency = "200ms", unhealthy_after = 2, healthy_after = 2 }"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_is_marked_unhealthy_and_receives_no_traffic_until_it_recovers() {
@@ -13,30 +14,14 @@ async fn slow_upstream_is_marked_unhealthy_and_receives_no_traffic_until_it_reco
 
     // Answers inference fine, but its health answers exceed the latency bound.
     slow.script(|s| s.health_delay = Duration::from_millis(400));
-    router
-        .wait_metric(
-            "switchyard_endpoint_healthy",
-            &healthy("slow"),
-            Duration::from_secs(10),
-            |v| v == 0.0,
-        )
-        .await;
-    assert_eq!(
-        router
-            .metric("switchyard_endpoint_healthy", &healthy("fast"))
-            .await,
-        Some(1.0)
-    );
+    router.wait_metric("switchyard_endpoint_healthy", &healthy("slow"), Duration::from_secs(10), |v| v == 0.0).await;
+    assert_eq!(router.metric("switchyard_endpoint_healthy", &healthy("fast")).await, Some(1.0));
 
     slow.reset_hits();
     let c = client();
     for _ in 0..60 {
-        let (status, headers, _) = send(
-            &c,
-            post_req(&router.url("/v1/chat/completions"), chat_body("m", false)),
-        )
-        .await
-        .unwrap();
+        let (status, headers, _) =
+            send(&c, post_req(&router.url("/v1/chat/completions"), chat_body("m", false))).await.unwrap();
         assert_eq!(status, 200);
         assert_eq!(headers["x-switchyard-endpoint"], "fast");
     }
@@ -44,21 +29,9 @@ async fn slow_upstream_is_marked_unhealthy_and_receives_no_traffic_until_it_reco
 
     // Automatic recovery: fast health answers bring it back.
     slow.script(|s| s.health_delay = Duration::ZERO);
-    router
-        .wait_metric(
-            "switchyard_endpoint_healthy",
-            &healthy("slow"),
-            Duration::from_secs(10),
-            |v| v == 1.0,
-        )
-        .await;
+    router.wait_metric("switchyard_endpoint_healthy", &healthy("slow"), Duration::from_secs(10), |v| v == 1.0).await;
     for _ in 0..60 {
-        send(
-            &c,
-            post_req(&router.url("/v1/chat/completions"), chat_body("m", false)),
-        )
-        .await
-        .unwrap();
+        send(&c, post_req(&router.url("/v1/chat/completions"), chat_body("m", false))).await.unwrap();
     }
     assert!(slow.hits() > 0, "a recovered endpoint takes traffic again");
 }
@@ -71,19 +44,10 @@ async fn readiness_follows_endpoint_health() {
     assert_eq!(get(&router.url("/healthz")).await.0, 200);
     up.script(|s| s.health_status = 500);
     router
-        .wait_metric(
-            "switchyard_endpoint_healthy",
-            &[("endpoint", "only")],
-            Duration::from_secs(10),
-            |v| v == 0.0,
-        )
+        .wait_metric("switchyard_endpoint_healthy", &[("endpoint", "only")], Duration::from_secs(10), |v| v == 0.0)
         .await;
     let (status, _, body) = get(&router.url("/readyz")).await;
     assert_eq!(status, 503);
     assert_eq!(json(&body)["error"]["code"], "not_ready");
-    assert_eq!(
-        get(&router.url("/healthz")).await.0,
-        200,
-        "liveness is not readiness"
-    );
+    assert_eq!(get(&router.url("/healthz")).await.0, 200, "liveness is not readiness");
 }

@@ -10,29 +10,18 @@ async fn sse_chunks_arrive_incrementally() {
         s.chunk_gap = Duration::from_millis(250);
     });
     let router = Router::start(&config(&model("m", &[&up], ""))).await;
-    let (status, frames, end) =
-        post_stream(&router.url("/v1/chat/completions"), chat_body("m", true)).await;
+    let (status, frames, end) = post_stream(&router.url("/v1/chat/completions"), chat_body("m", true)).await;
     assert_eq!(status, 200);
     assert!(end.is_ok(), "{end:?}");
-    let text: String = frames
-        .iter()
-        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
-        .collect();
+    let text: String = frames.iter().map(|(_, b)| String::from_utf8_lossy(b).into_owned()).collect();
     assert_eq!(text.matches("data: {").count(), 5, "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     // Chunks come as the upstream sends them: the gaps survive the proxy.
-    let chunk_times: Vec<_> = frames
-        .iter()
-        .filter(|(_, b)| b.starts_with(b"data: {"))
-        .map(|(t, _)| *t)
-        .collect();
+    let chunk_times: Vec<_> = frames.iter().filter(|(_, b)| b.starts_with(b"data: {")).map(|(t, _)| *t).collect();
     assert_eq!(chunk_times.len(), 5, "each SSE event is its own frame");
     for pair in chunk_times.windows(2) {
         let gap = pair[1] - pair[0];
-        assert!(
-            gap >= Duration::from_millis(150),
-            "chunks were bunched: gap {gap:?}"
-        );
+        assert!(gap >= Duration::from_millis(150), "chunks were bunched: gap {gap:?}");
     }
 }
 
@@ -48,14 +37,10 @@ async fn stream_that_fails_before_its_first_chunk_is_retried_elsewhere() {
     )))
     .await;
     for _ in 0..10 {
-        let (status, frames, end) =
-            post_stream(&router.url("/v1/chat/completions"), chat_body("m", true)).await;
+        let (status, frames, end) = post_stream(&router.url("/v1/chat/completions"), chat_body("m", true)).await;
         assert_eq!(status, 200);
         assert!(end.is_ok());
-        let text: String = frames
-            .iter()
-            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
-            .collect();
+        let text: String = frames.iter().map(|(_, b)| String::from_utf8_lossy(b).into_owned()).collect();
         assert!(text.contains("\"served_by\":\"good\""), "{text}");
         assert!(text.contains("[DONE]"));
     }

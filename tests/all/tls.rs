@@ -16,13 +16,11 @@ async fn tls_connect(
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![alpn.to_vec()];
     let tcp = TcpStream::connect(addr).await.unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
@@ -45,7 +43,7 @@ async fn serves_http1_and_http2_over_tls_and_h2c_on_plaintext() {
     std::fs::write(dir.0.join("cert.pem"), cert.cert.pem()).unwrap();
     std::fs::write(dir.0.join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
     let cfg = format!(
-        "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n[[listeners]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n\n{}",
+        "[admin]\naddr = \"127.0.0.1:0\"\n\n[[listeners]]\naddr = \"127.0.0.1:0\"\n\n[[listeners]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n\n{}",
         model("m", &[&up], "")
     );
     let router = Router::start_in(dir, &cfg).await;
@@ -56,18 +54,9 @@ async fn serves_http1_and_http2_over_tls_and_h2c_on_plaintext() {
     // HTTP/2 over TLS (ALPN h2).
     let io = tls_connect(tls_addr, ca.clone(), b"h2").await;
     assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut h2, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await.unwrap();
     tokio::spawn(conn);
-    let res = h2
-        .send_request(chat(
-            "https://localhost/v1/chat/completions",
-            Version::HTTP_2,
-        ))
-        .await
-        .unwrap();
+    let res = h2.send_request(chat("https://localhost/v1/chat/completions", Version::HTTP_2)).await.unwrap();
     assert_eq!(res.version(), Version::HTTP_2);
     assert_eq!(res.status(), 200);
     let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -75,25 +64,17 @@ async fn serves_http1_and_http2_over_tls_and_h2c_on_plaintext() {
 
     // HTTP/1.1 over TLS.
     let io = tls_connect(tls_addr, ca, b"http/1.1").await;
-    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .unwrap();
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.unwrap();
     tokio::spawn(conn);
     let mut req = chat("/v1/chat/completions", Version::HTTP_11);
-    req.headers_mut()
-        .insert("host", "localhost".parse().unwrap());
+    req.headers_mut().insert("host", "localhost".parse().unwrap());
     let res = h1.send_request(req).await.unwrap();
     assert_eq!(res.version(), Version::HTTP_11);
     assert_eq!(res.status(), 200);
 
     // HTTP/2 with prior knowledge on the plaintext listener.
-    let h2c = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
-    let res = h2c
-        .request(chat(&router.url("/v1/chat/completions"), Version::HTTP_2))
-        .await
-        .unwrap();
+    let h2c = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let res = h2c.request(chat(&router.url("/v1/chat/completions"), Version::HTTP_2)).await.unwrap();
     assert_eq!(res.version(), Version::HTTP_2);
     assert_eq!(res.status(), 200);
     assert_eq!(up.hits(), 3);

@@ -44,6 +44,94 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// The admin API's own listener; loopback by default so it is not exposed by accident.
+    pub addr: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { enabled: true, addr: "127.0.0.1:9901".parse().expect("valid address") }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// The watched drop folder; relative paths are resolved against the config file.
+    pub dir: PathBuf,
+    /// Compiled artifacts by content hash; default `<dir>/.cache`.
+    pub cache_dir: Option<PathBuf>,
+    /// Linear memory cap per plugin instance, in bytes.
+    pub memory_limit: usize,
+    /// Longest a single decision may run before it is interrupted (and the native policy decides).
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Faults within `quarantine_window` that take a version out of service.
+    pub quarantine_after: u32,
+    #[serde(with = "humantime_serde")]
+    pub quarantine_window: Duration,
+    /// Quiet time after the last change in the folder before it is rescanned.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+    /// Periodic rescan, in case a file-system event was missed.
+    #[serde(with = "humantime_serde")]
+    pub rescan_interval: Duration,
+    /// Instance slots in the pooling allocator (worker threads × bound plugins, with room to swap).
+    pub max_instances: u32,
+    /// Per-plugin configuration, by plugin name, handed to the plugin's `init` as JSON.
+    pub settings: BTreeMap<String, toml::Value>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            dir: PathBuf::from("plugins"),
+            cache_dir: None,
+            memory_limit: 16 << 20,
+            deadline: Duration::from_millis(5),
+            quarantine_after: 5,
+            quarantine_window: Duration::from_secs(10),
+            debounce: Duration::from_millis(50),
+            rescan_interval: Duration::from_secs(5),
+            max_instances: 256,
+            settings: BTreeMap::new(),
+        }
+    }
+}
+
+impl PluginsConfig {
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(|| self.dir.join(".cache"))
+    }
+
+    pub fn settings_json(&self, plugin: &str) -> String {
+        match self.settings.get(plugin) {
+            Some(v) => serde_json::to_string(v).unwrap_or_else(|_| "{}".into()),
+            None => "{}".into(),
+        }
+    }
+}
+
+/// Which plugin runs each policy stage of a model (by plugin name = file stem in
+/// `plugins.dir`). An unset stage, or a plugin that is missing or faulting, uses the
+/// native policy.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBinding {
+    pub balance: Option<String>,
+    pub canary: Option<String>,
+    pub geo: Option<String>,
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +195,8 @@ pub struct ModelConfig {
     pub circuit_breaker: BreakerConfig,
     #[serde(default)]
     pub outlier: OutlierConfig,
+    #[serde(default)]
+    pub policy: PolicyBinding,
     pub endpoints: Spanned<Vec<EndpointConfig>>,
 }
 
@@ -151,11 +241,7 @@ pub struct RetryConfig {
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        RetryConfig {
-            max_attempts: 3,
-            budget_ratio: 0.2,
-            min_retries_per_sec: 10,
-        }
+        RetryConfig { max_attempts: 3, budget_ratio: 0.2, min_retries_per_sec: 10 }
     }
 }
 
@@ -282,38 +368,23 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let s = String::deserialize(d)?;
-        let uri: http::Uri = s
-            .parse()
-            .map_err(|e| D::Error::custom(format!("invalid url {s:?}: {e}")))?;
-        let scheme = uri
-            .scheme()
-            .cloned()
-            .ok_or_else(|| D::Error::custom(format!("url {s:?} needs a scheme (http://)")))?;
+        let uri: http::Uri = s.parse().map_err(|e| D::Error::custom(format!("invalid url {s:?}: {e}")))?;
+        let scheme =
+            uri.scheme().cloned().ok_or_else(|| D::Error::custom(format!("url {s:?} needs a scheme (http://)")))?;
         if scheme != http::uri::Scheme::HTTP {
             return Err(D::Error::custom(format!(
                 "url {s:?}: only http:// upstreams are supported (model servers run on the same host or a trusted network)"
             )));
         }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| D::Error::custom(format!("url {s:?} has no host")))?;
+        let authority = uri.authority().cloned().ok_or_else(|| D::Error::custom(format!("url {s:?} has no host")))?;
         if authority.port_u16().is_none() {
-            return Err(D::Error::custom(format!(
-                "url {s:?} needs an explicit port"
-            )));
+            return Err(D::Error::custom(format!("url {s:?} needs an explicit port")));
         }
         if uri.query().is_some() {
-            return Err(D::Error::custom(format!(
-                "url {s:?} must not carry a query"
-            )));
+            return Err(D::Error::custom(format!("url {s:?} must not carry a query")));
         }
         let prefix = uri.path().trim_end_matches('/').to_string();
-        Ok(UpstreamUrl {
-            scheme,
-            authority,
-            prefix,
-        })
+        Ok(UpstreamUrl { scheme, authority, prefix })
     }
 }
 
@@ -334,6 +405,10 @@ impl Config {
         })?;
         let mut cfg = Config::parse(path, &text)?;
         let base = path.parent().unwrap_or(Path::new("."));
+        cfg.plugins.dir = base.join(&cfg.plugins.dir);
+        if let Some(c) = &mut cfg.plugins.cache_dir {
+            *c = base.join(&*c);
+        }
         for l in &mut cfg.listeners {
             if let Some(tls) = &mut l.tls {
                 tls.cert = base.join(&tls.cert);
@@ -353,21 +428,19 @@ impl Config {
                 }
                 None => (None, None),
             };
-            ConfigError {
-                file: path.to_path_buf(),
-                line,
-                column,
-                reason,
-            }
+            ConfigError { file: path.to_path_buf(), line, column, reason }
         };
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| err_at(e.span(), e.message().trim().to_string()))?;
+        let cfg: Config = toml::from_str(text).map_err(|e| err_at(e.span(), e.message().trim().to_string()))?;
 
-        if cfg.listeners.is_empty() {
+        if cfg.plugins.deadline.is_zero() || cfg.plugins.memory_limit < (1 << 16) || cfg.plugins.max_instances == 0 {
             return Err(err_at(
                 None,
-                "at least one [[listeners]] entry is required".into(),
+                "[plugins]: deadline must be positive, memory_limit at least 65536 bytes, max_instances at least 1"
+                    .into(),
             ));
+        }
+        if cfg.listeners.is_empty() {
+            return Err(err_at(None, "at least one [[listeners]] entry is required".into()));
         }
         let mut names = HashSet::new();
         for m in &cfg.models {
@@ -380,54 +453,26 @@ impl Config {
                 return Err(err_at(span, format!("model {name:?} is defined twice")));
             }
             if m.endpoints.get_ref().is_empty() {
-                return Err(err_at(
-                    Some(m.endpoints.span()),
-                    format!("model {name:?} needs at least one endpoint"),
-                ));
+                return Err(err_at(Some(m.endpoints.span()), format!("model {name:?} needs at least one endpoint")));
             }
             let check = |ok: bool, what: &str| {
-                if ok {
-                    Ok(())
-                } else {
-                    Err(err_at(span.clone(), format!("model {name:?}: {what}")))
-                }
+                if ok { Ok(()) } else { Err(err_at(span.clone(), format!("model {name:?}: {what}"))) }
             };
-            check(
-                m.retry.max_attempts >= 1,
-                "retry.max_attempts must be at least 1",
-            )?;
-            check(
-                (0.0..=1.0).contains(&m.retry.budget_ratio),
-                "retry.budget_ratio must be within 0..=1",
-            )?;
+            check(m.retry.max_attempts >= 1, "retry.max_attempts must be at least 1")?;
+            check((0.0..=1.0).contains(&m.retry.budget_ratio), "retry.budget_ratio must be within 0..=1")?;
             check(
                 m.circuit_breaker.failure_ratio > 0.0 && m.circuit_breaker.failure_ratio <= 1.0,
                 "circuit_breaker.failure_ratio must be within (0, 1]",
             )?;
-            check(
-                m.circuit_breaker.half_open_probes >= 1,
-                "circuit_breaker.half_open_probes must be at least 1",
-            )?;
-            check(
-                m.circuit_breaker.close_after >= 1,
-                "circuit_breaker.close_after must be at least 1",
-            )?;
-            check(
-                !m.circuit_breaker.window.is_zero(),
-                "circuit_breaker.window must be positive",
-            )?;
+            check(m.circuit_breaker.half_open_probes >= 1, "circuit_breaker.half_open_probes must be at least 1")?;
+            check(m.circuit_breaker.close_after >= 1, "circuit_breaker.close_after must be at least 1")?;
+            check(!m.circuit_breaker.window.is_zero(), "circuit_breaker.window must be positive")?;
             check(
                 (0.0..=1.0).contains(&m.outlier.max_ejected_share),
                 "outlier.max_ejected_share must be within 0..=1",
             )?;
-            check(
-                !m.health_check.interval.is_zero(),
-                "health_check.interval must be positive",
-            )?;
-            check(
-                m.health_check.path.starts_with('/'),
-                "health_check.path must start with '/'",
-            )?;
+            check(!m.health_check.interval.is_zero(), "health_check.interval must be positive")?;
+            check(m.health_check.path.starts_with('/'), "health_check.path must start with '/'")?;
             check(
                 m.health_check.unhealthy_after >= 1 && m.health_check.healthy_after >= 1,
                 "health_check thresholds must be at least 1",
@@ -450,9 +495,7 @@ impl Config {
 
 impl EndpointConfig {
     pub fn display_name(&self) -> String {
-        self.name
-            .clone()
-            .unwrap_or_else(|| self.url.authority.to_string())
+        self.name.clone().unwrap_or_else(|| self.url.authority.to_string())
     }
 }
 
@@ -460,10 +503,7 @@ impl EndpointConfig {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before
-        .rfind('\n')
-        .map_or(before.len(), |nl| before.len() - nl - 1)
-        + 1;
+    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
     (line, col)
 }
 
@@ -489,14 +529,8 @@ url = "http://127.0.0.1:9001"
     fn accepts_a_minimal_file_with_defaults() {
         let cfg = parse(GOOD).unwrap();
         assert_eq!(cfg.models[0].retry.max_attempts, 3);
-        assert_eq!(
-            cfg.models[0].health_check.max_latency,
-            Duration::from_secs(2)
-        );
-        assert_eq!(
-            cfg.models[0].endpoints.get_ref()[0].display_name(),
-            "127.0.0.1:9001"
-        );
+        assert_eq!(cfg.models[0].health_check.max_latency, Duration::from_secs(2));
+        assert_eq!(cfg.models[0].endpoints.get_ref()[0].display_name(), "127.0.0.1:9001");
     }
 
     #[test]
@@ -517,9 +551,7 @@ url = "http://127.0.0.1:9001"
 
     #[test]
     fn duplicate_model_is_rejected_at_second_definition() {
-        let text = format!(
-            "{GOOD}\n[[models]]\nname = \"m\"\n[[models.endpoints]]\nurl = \"http://127.0.0.1:9002\"\n"
-        );
+        let text = format!("{GOOD}\n[[models]]\nname = \"m\"\n[[models.endpoints]]\nurl = \"http://127.0.0.1:9002\"\n");
         let err = parse(&text).unwrap_err();
         assert_eq!(err.line, Some(11), "{err}");
         assert!(err.reason.contains("defined twice"));

@@ -15,19 +15,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(
-        status: StatusCode,
-        kind: &'static str,
-        code: &'static str,
-        message: impl Into<String>,
-    ) -> ApiError {
-        ApiError {
-            status,
-            kind,
-            code,
-            message: message.into(),
-            retry_after_secs: None,
-        }
+    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, kind, code, message: message.into(), retry_after_secs: None }
     }
 
     pub fn invalid_json(reason: impl std::fmt::Display) -> ApiError {
@@ -115,12 +104,7 @@ impl ApiError {
     }
 
     pub fn not_found(path: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "unknown_url",
-            format!("unknown path {path}"),
-        )
+        ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "unknown_url", format!("unknown path {path}"))
     }
 
     pub fn method_not_allowed(method: &http::Method, path: &str) -> ApiError {
@@ -133,12 +117,7 @@ impl ApiError {
     }
 
     pub fn not_ready() -> ApiError {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "not_ready",
-            "the router is not ready",
-        )
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "not_ready", "the router is not ready")
     }
 
     pub fn body_json(&self) -> Bytes {
@@ -151,13 +130,9 @@ impl ApiError {
     pub fn into_response(self) -> Response<ResBody> {
         let mut res = Response::new(boxed_full(self.body_json()));
         *res.status_mut() = self.status;
-        res.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after_secs {
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
     }

@@ -19,8 +19,8 @@ use crate::body::{RelayBody, ResBody, boxed_full};
 use crate::error::ApiError;
 use crate::outcome::RequestRecord;
 use crate::router::Model;
-use crate::select::{RequestFacts, sanitize};
-use crate::upstream::{Attempt, Endpoint, Outcome, now_ms};
+use crate::select::{PowerOfTwoChoices, RequestFacts, Selector, sanitize};
+use crate::upstream::{Attempt, Endpoint, EndpointSnapshot, Outcome, now_ms};
 
 pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -67,13 +67,9 @@ pub async fn forward(
     let mut snapshot = Vec::with_capacity(pool.endpoints.len());
     pool.snapshot_into(now, &mut snapshot);
     let mut ranked = Vec::with_capacity(pool.endpoints.len());
-    model.selector().select(&facts, &snapshot, &mut ranked);
-    sanitize(&mut ranked, &snapshot);
+    choose(model, &facts, &snapshot, &mut ranked);
     if ranked.is_empty() {
-        return reply_error(
-            record,
-            ApiError::no_healthy_endpoint(&pool.model, pool.retry_after_secs(now)),
-        );
+        return reply_error(record, ApiError::no_healthy_endpoint(&pool.model, pool.retry_after_secs(now)));
     }
     pool.budget.deposit(now);
 
@@ -123,11 +119,27 @@ pub async fn forward(
             reply_error(record, ApiError::upstream_failed(&pool.model, f.describe()))
         }
         // Every candidate was a half-open circuit already busy with its probe.
-        None => reply_error(
-            record,
-            ApiError::no_healthy_endpoint(&pool.model, pool.retry_after_secs(now_ms())),
-        ),
+        None => reply_error(record, ApiError::no_healthy_endpoint(&pool.model, pool.retry_after_secs(now_ms()))),
     }
+}
+
+/// The balance stage: the model's plugin if one is published, else (or when it faults)
+/// the native default. Whatever a plugin answers is sanitised before use.
+fn choose(model: &Model, facts: &RequestFacts<'_>, snapshot: &[EndpointSnapshot], ranked: &mut Vec<u32>) {
+    let set = model.plugins.current();
+    if let Some(binding) = set.balancer(model.index) {
+        match binding.select(facts, snapshot, ranked) {
+            Ok(()) => {
+                sanitize(ranked, snapshot);
+                if !ranked.is_empty() || !snapshot.iter().any(|e| e.available) {
+                    return;
+                }
+            }
+            Err(fault) => model.plugins.record_fault(&model.pool.model, "balance", binding, &fault),
+        }
+    }
+    let _ = PowerOfTwoChoices.select(facts, snapshot, ranked);
+    sanitize(ranked, snapshot);
 }
 
 fn parts_endpoint(parts: &http::response::Parts) -> Option<&str> {
@@ -151,11 +163,7 @@ impl Failure {
 }
 
 fn classify(e: hyper_util::client::legacy::Error) -> Failure {
-    if e.is_connect() {
-        Failure::Connect(error_chain(&e))
-    } else {
-        Failure::Broken(error_chain(&e))
-    }
+    if e.is_connect() { Failure::Connect(error_chain(&e)) } else { Failure::Broken(error_chain(&e)) }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -204,11 +212,7 @@ async fn try_whole(
         attempt.finish(Outcome::ServerFailure, None);
         return Err((Failure::Status(parts, bytes), record));
     }
-    let outcome = if parts.status.is_client_error() {
-        Outcome::ClientError
-    } else {
-        Outcome::Success
-    };
+    let outcome = if parts.status.is_client_error() { Outcome::ClientError } else { Outcome::Success };
     let endpoint = attempt.endpoint().name_arc.clone();
     attempt.finish(outcome, None);
     // The body is already here: as far as the router's work goes the request is complete.
@@ -235,11 +239,7 @@ async fn try_stream(
         let res = model.client.request(req).await.map_err(classify)?;
         let (parts, mut body) = res.into_parts();
         if parts.status.is_server_error() {
-            let bytes = Limited::new(body, 64 * 1024)
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
+            let bytes = Limited::new(body, 64 * 1024).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             return Err(Failure::Status(parts, bytes));
         }
         // Wait for the first data frame: until then the client has seen nothing.
@@ -269,31 +269,15 @@ async fn try_stream(
     };
     response_headers(&mut parts.headers, attempt.endpoint(), attempts);
     let ttfb = started.elapsed();
-    let outcome = if parts.status.is_client_error() {
-        Outcome::ClientError
-    } else {
-        Outcome::Success
-    };
+    let outcome = if parts.status.is_client_error() { Outcome::ClientError } else { Outcome::Success };
     let Some(first) = first else {
         attempt.finish(outcome, Some(ttfb));
         finish_record(record, Some(attempt_name(&parts)), parts.status);
         return Ok(Response::from_parts(parts, boxed_full(Bytes::new())));
     };
-    record.answered(
-        Some(attempt.endpoint().name_arc.clone()),
-        parts.status.as_u16(),
-        Instant::now(),
-    );
+    record.answered(Some(attempt.endpoint().name_arc.clone()), parts.status.as_u16(), Instant::now());
     parts.headers.remove(header::CONTENT_LENGTH);
-    let body = RelayBody::new(
-        first,
-        body,
-        model.timeouts.idle,
-        attempt,
-        record,
-        ttfb,
-        outcome,
-    );
+    let body = RelayBody::new(first, body, model.timeouts.idle, attempt, record, ttfb, outcome);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 
@@ -346,24 +330,14 @@ fn upstream_headers(out: &Outbound<'_>) -> HeaderMap {
             h.insert("x-forwarded-for", v);
         }
     }
-    h.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if out.tls { "https" } else { "http" }),
-    );
+    h.insert("x-forwarded-proto", HeaderValue::from_static(if out.tls { "https" } else { "http" }));
     h
 }
 
-fn upstream_request(
-    ep: &Endpoint,
-    out: &Outbound<'_>,
-    headers: &HeaderMap,
-) -> Request<Full<Bytes>> {
+fn upstream_request(ep: &Endpoint, out: &Outbound<'_>, headers: &HeaderMap) -> Request<Full<Bytes>> {
     let pq = out.parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let uri = if ep.url.prefix.is_empty() {
-        http::Uri::builder()
-            .scheme(ep.url.scheme.clone())
-            .authority(ep.url.authority.clone())
-            .path_and_query(pq)
+        http::Uri::builder().scheme(ep.url.scheme.clone()).authority(ep.url.authority.clone()).path_and_query(pq)
     } else {
         http::Uri::builder()
             .scheme(ep.url.scheme.clone())

@@ -4,7 +4,7 @@
 //! `listener` → `router` (dispatch) → `admission` → `select` → `forward` → `outcome`,
 //! with `upstream` holding endpoint state (health, breaker, ejection, retry budget)
 //! and `metrics` the Prometheus registry.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admission;
 pub mod body;
@@ -14,6 +14,7 @@ pub mod forward;
 pub mod listener;
 pub mod metrics;
 pub mod outcome;
+pub mod plugin;
 pub mod router;
 pub mod select;
 pub mod upstream;

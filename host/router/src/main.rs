@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand};
 use switchyard::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "switchyard",
-    version,
-    about = "High-availability OpenAI-compatible router for self-hosted LLMs"
-)]
+#[command(name = "switchyard", version, about = "High-availability OpenAI-compatible router for self-hosted LLMs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,11 +29,35 @@ enum Command {
         /// Path to the TOML configuration.
         file: PathBuf,
     },
+    /// Work with policy plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Validate a policy component offline: compile, contract and imports, init, self-test.
+    Check {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// JSON handed to the plugin's init (its config section).
+        #[arg(long, default_value = "{}")]
+        config: String,
+    },
+    /// Turn a core module built with the SDK (wasm32-unknown-unknown) into a component.
+    Componentize {
+        /// The core module (.wasm).
+        module: PathBuf,
+        /// Where to write the component.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Plugin(cmd) => plugin_command(cmd),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(cfg) => {
                 let endpoints: usize = cfg.models.iter().map(|m| m.endpoints.get_ref().len()).sum();
@@ -71,7 +91,7 @@ fn main() -> ExitCode {
             }
             let rt = rt.build().expect("tokio runtime");
             let result = rt.block_on(async {
-                let router = switchyard::router::Router::start(&cfg);
+                let router = switchyard::router::Router::start(&cfg).await?;
                 switchyard::listener::serve(&cfg, router).await
             });
             match result {
@@ -85,12 +105,51 @@ fn main() -> ExitCode {
     }
 }
 
+fn plugin_command(cmd: PluginCommand) -> ExitCode {
+    match cmd {
+        PluginCommand::Check { file, config } => {
+            let bytes = match std::fs::read(&file) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("error: {}: cannot read: {e}", file.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            match switchyard::plugin::check_offline(&name, &bytes, &config) {
+                Ok(report) => {
+                    println!("{}: ok: {report}", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(reason) => {
+                    eprintln!("error: {}: {reason}", file.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
+        PluginCommand::Componentize { module, output } => {
+            let result = std::fs::read(&module)
+                .map_err(anyhow::Error::from)
+                .and_then(|m| switchyard::plugin::componentize::componentize(&m))
+                .and_then(|c| {
+                    let tmp = output.with_extension("wasm.tmp");
+                    std::fs::write(&tmp, c)?;
+                    std::fs::rename(&tmp, &output)?;
+                    Ok(())
+                });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {}: {e:#}", module.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

@@ -2,8 +2,7 @@
 //! hot path touches resolved once per endpoint (label lookups are not free).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -24,37 +23,26 @@ pub struct Metrics {
 }
 
 /// Latency buckets from 0.5 ms to 2 minutes: LLM calls span local fast paths to long generations.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 120.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
             g
         };
         let histogram = |name: &str, help: &str| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-                &["model"],
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), &["model"])
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
         Metrics {
@@ -71,11 +59,7 @@ impl Metrics {
                 "switchyard_time_to_first_byte_seconds",
                 "Time from request to the first body byte sent to the client",
             ),
-            in_flight: gauge(
-                "switchyard_in_flight_requests",
-                "Requests being served, by model",
-                &["model"],
-            ),
+            in_flight: gauge("switchyard_in_flight_requests", "Requests being served, by model", &["model"]),
             endpoint_in_flight: gauge(
                 "switchyard_endpoint_in_flight_requests",
                 "Requests outstanding at each endpoint",
@@ -96,11 +80,7 @@ impl Metrics {
                 "1 while passive outlier detection has ejected the endpoint",
                 &["model", "endpoint"],
             ),
-            retries: counter(
-                "switchyard_retries_total",
-                "Attempts beyond the first, by model",
-                &["model"],
-            ),
+            retries: counter("switchyard_retries_total", "Attempts beyond the first, by model", &["model"]),
             retry_budget_exhausted: counter(
                 "switchyard_retry_budget_exhausted_total",
                 "Retries refused because the retry budget was spent",
@@ -134,20 +114,14 @@ impl Metrics {
             ejected: self.endpoint_ejected.with_label_values(l),
             ejections: self.ejections.with_label_values(l),
             circuit_opened: self.circuit_opened.with_label_values(l),
-            check_ok: self
-                .health_checks
-                .with_label_values(&[model, endpoint, "ok"]),
-            check_failed: self
-                .health_checks
-                .with_label_values(&[model, endpoint, "failed"]),
+            check_ok: self.health_checks.with_label_values(&[model, endpoint, "ok"]),
+            check_failed: self.health_checks.with_label_values(&[model, endpoint, "failed"]),
         }
     }
 
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding cannot fail");
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
         out
     }
 }

@@ -45,43 +45,26 @@ pub struct RequestRecord {
 impl RequestRecord {
     pub fn begin(metrics: &Arc<ModelMetrics>, started: Instant) -> RequestRecord {
         metrics.in_flight.inc();
-        RequestRecord {
-            metrics: metrics.clone(),
-            started,
-            endpoint: None,
-            status: 0,
-        }
+        RequestRecord { metrics: metrics.clone(), started, endpoint: None, status: 0 }
     }
 
     pub fn answered(&mut self, endpoint: Option<Arc<str>>, status: u16, first_byte: Instant) {
         self.endpoint = endpoint;
         self.status = status;
-        self.metrics
-            .ttfb
-            .observe((first_byte - self.started).as_secs_f64());
+        self.metrics.ttfb.observe((first_byte - self.started).as_secs_f64());
     }
 
     /// Counts the request; `end` is when its last byte went out (None when the client left).
     pub fn finish(self, end: Option<Instant>) {
         let endpoint = self.endpoint.as_deref().unwrap_or("none");
-        let status = if end.is_none() && self.status == 200 {
-            499
-        } else {
-            self.status
-        };
+        let status = if end.is_none() && self.status == 200 { 499 } else { self.status };
         let mut buf = itoa_buf();
         self.metrics
             .requests
-            .with_label_values(&[
-                self.metrics.model.as_str(),
-                endpoint,
-                status_str(status, &mut buf),
-            ])
+            .with_label_values(&[self.metrics.model.as_str(), endpoint, status_str(status, &mut buf)])
             .inc();
         if let Some(end) = end {
-            self.metrics
-                .duration
-                .observe((end - self.started).as_secs_f64());
+            self.metrics.duration.observe((end - self.started).as_secs_f64());
         }
     }
 }

@@ -19,12 +19,7 @@ impl RetryBudget {
         let per_sec = cfg.min_retries_per_sec as f64;
         // A burst of up to ten seconds of the floor, or 100 deposits, whichever is larger.
         let cap = (per_sec * 10.0).max(100.0 * cfg.ratio_or_zero());
-        RetryBudget {
-            ratio: cfg.budget_ratio,
-            per_sec,
-            state: Mutex::new((per_sec.min(cap), 0)),
-            cap,
-        }
+        RetryBudget { ratio: cfg.budget_ratio, per_sec, state: Mutex::new((per_sec.min(cap), 0)), cap }
     }
 
     /// Every first attempt deposits `ratio` of a retry.
@@ -66,11 +61,7 @@ mod tests {
 
     #[test]
     fn retries_are_bounded_by_ratio_of_traffic() {
-        let b = RetryBudget::new(&RetryConfig {
-            max_attempts: 3,
-            budget_ratio: 0.2,
-            min_retries_per_sec: 0,
-        });
+        let b = RetryBudget::new(&RetryConfig { max_attempts: 3, budget_ratio: 0.2, min_retries_per_sec: 0 });
         let mut granted = 0;
         for _ in 0..1000 {
             b.deposit(0);
@@ -83,11 +74,7 @@ mod tests {
 
     #[test]
     fn floor_refills_over_time() {
-        let b = RetryBudget::new(&RetryConfig {
-            max_attempts: 3,
-            budget_ratio: 0.0,
-            min_retries_per_sec: 5,
-        });
+        let b = RetryBudget::new(&RetryConfig { max_attempts: 3, budget_ratio: 0.0, min_retries_per_sec: 5 });
         while b.try_withdraw(0) {}
         assert!(!b.try_withdraw(100));
         assert!(b.try_withdraw(1_000));

@@ -14,18 +14,12 @@ use crate::config::HealthCheckConfig;
 use crate::forward::UpstreamClient;
 
 /// Spawns one checker per endpoint; they stop when `stop` flips to true.
-pub fn spawn(
-    pool: Arc<Pool>,
-    cfg: HealthCheckConfig,
-    client: UpstreamClient,
-    stop: watch::Receiver<bool>,
-) {
+pub fn spawn(pool: Arc<Pool>, cfg: HealthCheckConfig, client: UpstreamClient, stop: watch::Receiver<bool>) {
     if !cfg.enabled {
         return;
     }
     for ep in pool.endpoints.clone() {
-        let (pool, cfg, client, mut stop) =
-            (pool.clone(), cfg.clone(), client.clone(), stop.clone());
+        let (pool, cfg, client, mut stop) = (pool.clone(), cfg.clone(), client.clone(), stop.clone());
         tokio::spawn(async move {
             let mut passes = 0u32;
             let mut fails = 0u32;

@@ -82,8 +82,7 @@ impl Attempt {
     pub fn finish(mut self, outcome: Outcome, latency: Option<Duration>) {
         self.done = true;
         let latency = latency.unwrap_or_else(|| self.started.elapsed());
-        self.pool
-            .record(&self.endpoint, outcome, self.probe, latency);
+        self.pool.record(&self.endpoint, outcome, self.probe, latency);
     }
 }
 
@@ -92,24 +91,13 @@ impl Drop for Attempt {
         self.endpoint.in_flight.fetch_sub(1, Relaxed);
         self.endpoint.metrics.in_flight.dec();
         if !self.done {
-            self.pool.record(
-                &self.endpoint,
-                Outcome::Cancelled,
-                self.probe,
-                Duration::ZERO,
-            );
+            self.pool.record(&self.endpoint, Outcome::Cancelled, self.probe, Duration::ZERO);
         }
     }
 }
 
 impl Endpoint {
-    fn new(
-        index: usize,
-        model: &str,
-        cfg: &EndpointConfig,
-        m: &ModelConfig,
-        metrics: &Metrics,
-    ) -> Endpoint {
+    fn new(index: usize, model: &str, cfg: &EndpointConfig, m: &ModelConfig, metrics: &Metrics) -> Endpoint {
         let name = cfg.display_name();
         let em = metrics.endpoint(model, &name);
         em.healthy.set(1);
@@ -126,10 +114,7 @@ impl Endpoint {
             healthy: AtomicBool::new(true),
             circuit: AtomicU8::new(Circuit::Closed as u8),
             ejected_until_ms: AtomicU64::new(0),
-            failure: Mutex::new(FailureState::new(
-                m.circuit_breaker.clone(),
-                m.outlier.clone(),
-            )),
+            failure: Mutex::new(FailureState::new(m.circuit_breaker.clone(), m.outlier.clone())),
             metrics: em,
             name_arc: Arc::from(name.as_str()),
             header_value: http::HeaderValue::try_from(name.as_str())
@@ -189,12 +174,7 @@ impl Endpoint {
     fn recovers_in_ms(&self, now_ms: u64) -> u64 {
         let ejected = self.ejected_until_ms.load(Relaxed).saturating_sub(now_ms);
         let open = match self.circuit() {
-            Circuit::Open => self
-                .failure
-                .lock()
-                .unwrap()
-                .open_until_ms
-                .saturating_sub(now_ms),
+            Circuit::Open => self.failure.lock().unwrap().open_until_ms.saturating_sub(now_ms),
             _ => 0,
         };
         ejected.max(open)
@@ -238,12 +218,7 @@ impl Pool {
 
     /// Seconds a client should wait before retrying when nothing is available (1..=30).
     pub fn retry_after_secs(&self, now_ms: u64) -> u64 {
-        let soonest = self
-            .endpoints
-            .iter()
-            .map(|e| e.recovers_in_ms(now_ms))
-            .min()
-            .unwrap_or(0);
+        let soonest = self.endpoints.iter().map(|e| e.recovers_in_ms(now_ms)).min().unwrap_or(0);
         soonest.div_ceil(1000).clamp(1, 30)
     }
 
@@ -261,13 +236,7 @@ impl Pool {
         };
         endpoint.in_flight.fetch_add(1, Relaxed);
         endpoint.metrics.in_flight.inc();
-        Some(Attempt {
-            endpoint: endpoint.clone(),
-            pool: self.clone(),
-            probe,
-            started: Instant::now(),
-            done: false,
-        })
+        Some(Attempt { endpoint: endpoint.clone(), pool: self.clone(), probe, started: Instant::now(), done: false })
     }
 
     fn record(&self, ep: &Endpoint, outcome: Outcome, probe: bool, latency: Duration) {
@@ -280,16 +249,8 @@ impl Pool {
             let old = ep.ewma_latency_us();
             // A failure that came back fast (connection refused) must not make the endpoint
             // look attractive: it costs at least twice the current estimate.
-            let sample = if outcome == Outcome::ServerFailure {
-                sample.max(old * 2.0)
-            } else {
-                sample
-            };
-            let new = if old == 0.0 {
-                sample
-            } else {
-                old + EWMA_ALPHA * (sample - old)
-            };
+            let sample = if outcome == Outcome::ServerFailure { sample.max(old * 2.0) } else { sample };
+            let new = if old == 0.0 { sample } else { old + EWMA_ALPHA * (sample - old) };
             ep.ewma_us.store(new.to_bits(), Relaxed);
         }
         if effect.opened || effect.closed {
@@ -303,11 +264,7 @@ impl Pool {
             }
         }
         if effect.wants_ejection {
-            let ejected = self
-                .endpoints
-                .iter()
-                .filter(|e| e.index != ep.index && e.is_ejected(now))
-                .count();
+            let ejected = self.endpoints.iter().filter(|e| e.index != ep.index && e.is_ejected(now)).count();
             let allowed = (self.max_ejected_share * self.endpoints.len() as f64).floor() as usize;
             if ejected < allowed {
                 let until = f.eject(now);

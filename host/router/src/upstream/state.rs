@@ -47,10 +47,7 @@ struct Window {
 
 impl Window {
     fn new(window_ms: u64) -> Window {
-        Window {
-            slice_ms: (window_ms / BUCKETS as u64).max(1),
-            slots: [(u64::MAX, 0, 0); BUCKETS],
-        }
+        Window { slice_ms: (window_ms / BUCKETS as u64).max(1), slots: [(u64::MAX, 0, 0); BUCKETS] }
     }
 
     fn add(&mut self, now_ms: u64, failed: bool) {
@@ -167,9 +164,7 @@ impl FailureState {
             }
             (Circuit::Closed, _, true) => {
                 let (total, failures) = self.window.totals(now_ms);
-                if total >= self.breaker.min_requests
-                    && failures as f64 >= self.breaker.failure_ratio * total as f64
-                {
+                if total >= self.breaker.min_requests && failures as f64 >= self.breaker.failure_ratio * total as f64 {
                     self.trip(now_ms);
                     effect.opened = true;
                 }
@@ -181,10 +176,7 @@ impl FailureState {
             self.consecutive_successes = 0;
             self.consecutive_failures += 1;
             let threshold = self.outlier.consecutive_failures;
-            if threshold > 0
-                && self.consecutive_failures >= threshold
-                && now_ms >= self.ejected_until_ms
-            {
+            if threshold > 0 && self.consecutive_failures >= threshold && now_ms >= self.ejected_until_ms {
                 effect.wants_ejection = true;
             }
         } else {
@@ -208,9 +200,7 @@ impl FailureState {
     pub fn eject(&mut self, now_ms: u64) -> u64 {
         let base = self.outlier.base_ejection.as_millis() as u64;
         let max = self.outlier.max_ejection.as_millis() as u64;
-        let time = base
-            .saturating_mul(1u64 << self.ejection_level.min(20))
-            .min(max.max(base));
+        let time = base.saturating_mul(1u64 << self.ejection_level.min(20)).min(max.max(base));
         self.ejection_level += 1;
         self.consecutive_failures = 0;
         self.ejected_until_ms = now_ms + time;
@@ -220,11 +210,7 @@ impl FailureState {
     /// Failure share over the rolling window (0 when empty).
     pub fn error_rate(&self, now_ms: u64) -> f32 {
         let (total, failures) = self.window.totals(now_ms);
-        if total == 0 {
-            0.0
-        } else {
-            failures as f32 / total as f32
-        }
+        if total == 0 { 0.0 } else { failures as f32 / total as f32 }
     }
 }
 
@@ -309,10 +295,7 @@ mod tests {
         assert!(s.record(1, Outcome::ServerFailure, false).wants_ejection);
         assert_eq!(s.eject(1), 1_001);
         s.record(2_000, Outcome::ServerFailure, false);
-        assert!(
-            s.record(2_001, Outcome::ServerFailure, false)
-                .wants_ejection
-        );
+        assert!(s.record(2_001, Outcome::ServerFailure, false).wants_ejection);
         assert_eq!(s.eject(2_001), 4_001);
         s.record(5_000, Outcome::ServerFailure, false);
         s.record(5_001, Outcome::ServerFailure, false);

@@ -1,0 +1,236 @@
+//! Running policy components: typed bindings generated from `sdk/wit`, the host imports
+//! (log, clock, random), warm instances kept per worker thread, and the rule that a call
+//! which traps, overruns its deadline, hits the memory cap or answers nonsense is a
+//! *fault*: the caller falls back to the native policy and the instance is discarded.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
+
+use super::engine::PluginEngine;
+
+wasmtime::component::bindgen!({
+    path: "../../sdk/wit",
+    world: "policy",
+});
+
+pub use exports::switchyard::policy::plugin as abi;
+pub use self::switchyard::policy::types as wit;
+
+/// What a store carries: its limits and the plugin's name for log lines.
+pub struct StoreState {
+    limits: StoreLimits,
+    plugin: Arc<str>,
+}
+
+impl self::switchyard::policy::host::Host for StoreState {
+    fn log(&mut self, level: self::switchyard::policy::host::LogLevel, message: String) {
+        use self::switchyard::policy::host::LogLevel as L;
+        // Plugins may be chatty or hostile: cap what reaches the log.
+        let msg: String = message.chars().take(512).collect();
+        let plugin = &*self.plugin;
+        match level {
+            L::Debug => tracing::debug!(plugin, "{msg}"),
+            L::Info => tracing::info!(plugin, "{msg}"),
+            L::Warn => tracing::warn!(plugin, "{msg}"),
+            L::Error => tracing::error!(plugin, "{msg}"),
+        }
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        crate::upstream::now_ms()
+    }
+
+    fn random(&mut self) -> u64 {
+        fastrand::u64(..)
+    }
+}
+
+impl self::switchyard::policy::types::Host for StoreState {}
+
+/// Interfaces a policy may import; anything else is refused at load.
+pub const ALLOWED_IMPORTS: [&str; 2] = ["switchyard:policy/host@0.1.0", "switchyard:policy/types@0.1.0"];
+
+pub fn linker(engine: &PluginEngine) -> anyhow::Result<Linker<StoreState>> {
+    let mut linker = Linker::new(&engine.engine);
+    self::switchyard::policy::host::add_to_linker::<StoreState, wasmtime::component::HasSelf<StoreState>>(&mut linker, |s| s)
+        .map_err(super::engine::wt)?;
+    Ok(linker)
+}
+
+/// Every import of `component` that is not part of the contract.
+pub fn foreign_imports(engine: &PluginEngine, component: &Component) -> Vec<String> {
+    component
+        .component_type()
+        .imports(&engine.engine)
+        .map(|(name, _)| name.to_string())
+        .filter(|name| !ALLOWED_IMPORTS.contains(&name.as_str()))
+        .collect()
+}
+
+/// A store plus a live instance, ready for calls.
+pub struct Live {
+    store: Store<StoreState>,
+    policy: Policy,
+}
+
+/// Why a call did not produce a usable decision.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Trap, deadline or memory cap (wasmtime reports them all as traps).
+    Trap(String),
+    /// The answer broke the contract (index out of range, nothing chosen though
+    /// something was available, ...).
+    Invalid(String),
+    /// `init` refused its config or could not run.
+    Init(String),
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Trap(e) => write!(f, "trap: {e}"),
+            Fault::Invalid(e) => write!(f, "invalid decision: {e}"),
+            Fault::Init(e) => write!(f, "init failed: {e}"),
+        }
+    }
+}
+
+impl Fault {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Fault::Trap(_) => "trap",
+            Fault::Invalid(_) => "invalid",
+            Fault::Init(_) => "init",
+        }
+    }
+}
+
+fn trap(e: wasmtime::Error) -> Fault {
+    let mut s = e.to_string();
+    if let Some(t) = e.downcast_ref::<wasmtime::Trap>() {
+        s = match t {
+            wasmtime::Trap::Interrupt => "deadline exceeded".to_string(),
+            other => other.to_string(),
+        };
+    }
+    Fault::Trap(s)
+}
+
+impl Live {
+    /// A fresh instance: instantiate, `init(config)`, `set-topology`.
+    pub fn start(
+        engine: &PluginEngine,
+        pre: &InstancePre<StoreState>,
+        name: &Arc<str>,
+        config_json: &str,
+        topology: &wit::Topology,
+        init_deadline: Duration,
+    ) -> Result<Live, Fault> {
+        let limits =
+            StoreLimitsBuilder::new().memory_size(engine.memory_limit).instances(4).trap_on_grow_failure(true).build();
+        let mut store = Store::new(&engine.engine, StoreState { limits, plugin: name.clone() });
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(PluginEngine::ticks(init_deadline));
+        let policy = PolicyPre::new(pre.clone()).and_then(|p| p.instantiate(&mut store)).map_err(trap)?;
+        let api = policy.switchyard_policy_plugin();
+        api.call_init(&mut store, config_json).map_err(trap)?.map_err(Fault::Init)?;
+        api.call_set_topology(&mut store, topology).map_err(trap)?;
+        Ok(Live { store, policy })
+    }
+
+    pub fn info(&mut self, deadline: Duration) -> Result<wit::PluginInfo, Fault> {
+        self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
+        self.policy.switchyard_policy_plugin().call_info(&mut self.store).map_err(trap)
+    }
+
+    pub fn balance(
+        &mut self,
+        deadline_ticks: u64,
+        req: wit::Request,
+        endpoints: &[wit::EndpointState],
+    ) -> Result<Vec<u32>, Fault> {
+        self.store.set_epoch_deadline(deadline_ticks);
+        self.policy.switchyard_policy_plugin().call_balance(&mut self.store, req, endpoints).map_err(trap)
+    }
+}
+
+/// One plugin version bound to one model: the unit that owns warm instances.
+pub struct Binding {
+    pub uid: u64,
+    pub engine: Arc<PluginEngine>,
+    pub pre: InstancePre<StoreState>,
+    pub name: Arc<str>,
+    pub sha256: String,
+    pub config_json: String,
+    pub topology: wit::Topology,
+    pub deadline: Duration,
+    pub deadline_ticks: u64,
+    pub stats: Arc<PluginStats>,
+}
+
+/// Counters shared by every binding of one plugin version.
+#[derive(Default)]
+pub struct PluginStats {
+    pub calls: AtomicU64,
+    pub faults: AtomicU64,
+    pub last_fault: Mutex<Option<String>>,
+    /// Recent fault times (ms), for the quarantine rule.
+    pub recent: Mutex<Vec<u64>>,
+}
+
+thread_local! {
+    /// Warm instances of this worker thread, by binding uid. A `Store` cannot cross
+    /// threads, so each worker keeps its own.
+    static WARM: RefCell<HashMap<u64, (Weak<Binding>, Live)>> = RefCell::new(HashMap::new());
+}
+
+impl Binding {
+    /// Runs `f` on this thread's warm instance (starting one if needed). A fault drops the
+    /// instance, so the next call starts from a clean one.
+    fn with_live<R>(self: &Arc<Self>, f: impl FnOnce(&mut Live) -> Result<R, Fault>) -> Result<R, Fault> {
+        WARM.with(|warm| {
+            let mut warm = warm.borrow_mut();
+            if !warm.contains_key(&self.uid) {
+                // Forget instances whose binding was unpublished.
+                warm.retain(|_, (b, _)| b.strong_count() > 0);
+                let live = Live::start(
+                    &self.engine,
+                    &self.pre,
+                    &self.name,
+                    &self.config_json,
+                    &self.topology,
+                    self.deadline.max(Duration::from_millis(50)),
+                )?;
+                warm.insert(self.uid, (Arc::downgrade(self), live));
+            }
+            let (_, live) = warm.get_mut(&self.uid).expect("inserted above");
+            let result = f(live);
+            if result.is_err() {
+                warm.remove(&self.uid);
+            }
+            result
+        })
+    }
+
+    /// Asks the policy to rank endpoints. `Err` means: use the native policy.
+    pub fn balance(self: &Arc<Self>, req: wit::Request, endpoints: &[wit::EndpointState]) -> Result<Vec<u32>, Fault> {
+        self.stats.calls.fetch_add(1, Relaxed);
+        let ticks = self.deadline_ticks;
+        let ranked = self.with_live(|live| live.balance(ticks, req, endpoints))?;
+        let n = endpoints.len() as u32;
+        if let Some(bad) = ranked.iter().find(|&&i| i >= n) {
+            return Err(Fault::Invalid(format!("endpoint index {bad} out of range (there are {n})")));
+        }
+        let any_available = endpoints.iter().any(|e| e.healthy && e.circuit != wit::CircuitState::Open);
+        if ranked.is_empty() && any_available {
+            return Err(Fault::Invalid("chose no endpoint although some are available".into()));
+        }
+        Ok(ranked)
+    }
+}
