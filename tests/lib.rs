@@ -33,19 +33,7 @@ pub fn router_bin() -> PathBuf {
     static BUILD: Once = Once::new();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "switchyard", "--bin", "switchyard"]).current_dir(&root);
-        // The variables cargo sets for this test binary would otherwise reach build
-        // scripts (ring watches some) and force a rebuild on every run.
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy();
-            if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR") || k == "OUT_DIR" {
-                cmd.env_remove(&*k);
-            }
-        }
-        let status = cmd.status().expect("run cargo build");
-        assert!(status.success(), "building the router failed");
+        cargo(&["build", "-q", "-p", "switchyard", "--bin", "switchyard"]);
     });
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
     target.join("debug").join("switchyard")
@@ -132,6 +120,15 @@ impl Router {
         // Keep draining stdout so the router never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Router { child, addrs, admin, dir, log }
+    }
+
+    /// Kills the router and starts it again on the same folder and config (new ports).
+    pub async fn restart(mut self) -> Router {
+        let cfg = std::fs::read_to_string(self.dir.0.join("switchyard.toml")).unwrap();
+        self.child.kill().await.unwrap();
+        let dir = std::mem::replace(&mut self.dir, TempDir(PathBuf::new()));
+        drop(self);
+        Router::start_in(dir, &cfg).await
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -511,6 +508,8 @@ fn clean_cargo(cmd: &mut std::process::Command) {
     }
 }
 
+/// Runs cargo in the workspace. The variables cargo sets for this test binary would
+/// otherwise reach build scripts (ring watches some) and force a rebuild on every run.
 fn cargo(args: &[&str]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
@@ -590,4 +589,43 @@ pub fn publish_plugin(dir: &Path, name: &str, src: &Path) {
     let tmp = dir.join(format!(".{name}.wasm.tmp"));
     std::fs::copy(src, &tmp).unwrap();
     std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Shard servers (the real model)
+
+/// The shard server binary (debug build), built once per run.
+pub fn shard_bin() -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| cargo(&["build", "-q", "-p", "switchyard-shard", "--bin", "switchyard-shard"]));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    target.join("debug").join("switchyard-shard")
+}
+
+/// The default model, fetched (and hash-checked) into `<workspace>/models` if missing.
+pub fn model_file() -> PathBuf {
+    static FETCH: Once = Once::new();
+    let dir = workspace_root().join("models");
+    FETCH.call_once(|| {
+        let st = std::process::Command::new(shard_bin()).arg("fetch").arg("--dest").arg(&dir).status().unwrap();
+        assert!(st.success(), "fetching the model failed");
+    });
+    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// A base port with `n` consecutive free ports after it.
+pub fn free_port_range(n: u16) -> u16 {
+    for _ in 0..200 {
+        let base = 20_000 + (std::process::id() as u16 % 97) * 100 + fastish_random() % 9_000;
+        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free port range");
+}
+
+fn fastish_random() -> u16 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    (nanos / 1000 % 9_000) as u16
 }

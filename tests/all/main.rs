@@ -7,6 +7,7 @@ mod breaker;
 mod cli;
 mod failover;
 mod health;
+mod local;
 mod plugins;
 mod shutdown;
 mod streaming;

@@ -66,7 +66,11 @@ async fn weighted_round_robin_follows_weights() {
     std::fs::copy(policy("weighted-round-robin"), dir.0.join("plugins/bal.wasm")).unwrap();
     let mut models = "[[models]]\nname = \"m\"\npolicy = { balance = \"bal\" }\n".to_string();
     for (u, w) in ups.iter().zip([4, 1, 1]) {
-        models.push_str(&format!("[[models.endpoints]]\nurl = \"{}\"\nname = \"{}\"\nweight = {w}\n", u.url(), u.name()));
+        models.push_str(&format!(
+            "[[models.endpoints]]\nurl = \"{}\"\nname = \"{}\"\nweight = {w}\n",
+            u.url(),
+            u.name()
+        ));
     }
     let router = Router::start_in(dir, &config(&models)).await;
     let counts = distribution(&router, 300, |_| chat_body("m", false)).await;
@@ -136,7 +140,9 @@ async fn consistent_hash_keeps_prefixes_on_their_endpoint_and_moves_only_the_fai
 
     // b goes down: only b's prefixes move.
     ups[1].script(|s| s.health_status = 503);
-    router.wait_metric("switchyard_endpoint_healthy", &[("endpoint", "b")], Duration::from_secs(10), |v| v == 0.0).await;
+    router
+        .wait_metric("switchyard_endpoint_healthy", &[("endpoint", "b")], Duration::from_secs(10), |v| v == 0.0)
+        .await;
     for p in 0..40 {
         let now = served_by(&router, &c, prefixed(p)).await;
         if home[&p] == "b" {
@@ -147,7 +153,9 @@ async fn consistent_hash_keeps_prefixes_on_their_endpoint_and_moves_only_the_fai
     }
     // b recovers: its prefixes come back.
     ups[1].script(|s| s.health_status = 200);
-    router.wait_metric("switchyard_endpoint_healthy", &[("endpoint", "b")], Duration::from_secs(10), |v| v == 1.0).await;
+    router
+        .wait_metric("switchyard_endpoint_healthy", &[("endpoint", "b")], Duration::from_secs(10), |v| v == 1.0)
+        .await;
     for p in 0..40 {
         assert_eq!(served_by(&router, &c, prefixed(p)).await, home[&p]);
     }
@@ -285,7 +293,10 @@ async fn adversarial_components_never_fail_a_request_nor_replace_the_working_plu
     let (ok, failures) = loader.await.unwrap();
     assert!(failures.is_empty(), "failed requests: {failures:?}");
     assert!(ok > 100);
-    assert!(router.metric("switchyard_plugin_loads_total", &[("plugin", "bal"), ("result", "rejected")]).await.unwrap() >= 6.0);
+    assert!(
+        router.metric("switchyard_plugin_loads_total", &[("plugin", "bal"), ("result", "rejected")]).await.unwrap()
+            >= 6.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +308,8 @@ async fn a_version_that_keeps_faulting_is_quarantined_and_the_last_good_restored
     // The time bomb passes the self-test, then traps on real traffic: every request still
     // succeeds (the native policy decides), until the version is quarantined.
     let status = loop {
-        let (status, _, body) = send(&c, post_req(&router.url("/v1/chat/completions"), chat_body("m", false))).await.unwrap();
+        let (status, _, body) =
+            send(&c, post_req(&router.url("/v1/chat/completions"), chat_body("m", false))).await.unwrap();
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         let s = router.plugin_status("bal").await;
         if s["state"] == "quarantined" {
@@ -316,13 +328,23 @@ async fn a_version_that_keeps_faulting_is_quarantined_and_the_last_good_restored
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_the_file_falls_back_to_the_native_policy_and_artifacts_are_cached() {
+async fn artifacts_are_cached_across_restarts_and_deleting_the_file_unloads_it() {
     let (_ups, router) = setup(Some("testkit-pin0"), "", "").await;
     let cache = router.plugin_dir().join(".cache");
     let artifacts: Vec<_> = std::fs::read_dir(&cache).unwrap().filter_map(|e| e.ok()).collect();
     assert_eq!(artifacts.len(), 1, "one compiled artifact, named by content hash");
     let sha = router.plugin_status("bal").await["sha256"].as_str().unwrap().to_string();
     assert_eq!(artifacts[0].file_name().to_string_lossy(), format!("{sha}.cwasm"));
+
+    assert_eq!(router.plugin_status("bal").await["compiled"], "fresh");
+
+    // A restart reuses the artifact instead of compiling again.
+    let compiled_at = std::fs::metadata(artifacts[0].path()).unwrap().modified().unwrap();
+    let router = router.restart().await;
+    let status = router.plugin_status("bal").await;
+    assert_eq!(status["compiled"], "cache", "{status}");
+    assert_eq!(status["sha256"], sha.as_str());
+    assert_eq!(std::fs::metadata(artifacts[0].path()).unwrap().modified().unwrap(), compiled_at);
 
     std::fs::remove_file(router.plugin_dir().join("bal.wasm")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -336,7 +358,9 @@ async fn deleting_the_file_falls_back_to_the_native_policy_and_artifacts_are_cac
 
 #[test]
 fn plugin_check_validates_offline_and_says_why() {
-    let run = |file: &std::path::Path| std::process::Command::new(router_bin()).args(["plugin", "check"]).arg(file).output().unwrap();
+    let run = |file: &std::path::Path| {
+        std::process::Command::new(router_bin()).args(["plugin", "check"]).arg(file).output().unwrap()
+    };
     let out = run(&policy("least-request"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("least-request 1.0.0"));
@@ -345,6 +369,16 @@ fn plugin_check_validates_offline_and_says_why() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("imports `wasi:") && err.contains("outside the policy contract"), "{err}");
+
+    // The plugin's settings reach its init, and a refusal is reported.
+    let out = std::process::Command::new(router_bin())
+        .args(["plugin", "check", "--config", r#"{"decay": 7}"#])
+        .arg(policy("least-request"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("init failed: decay must be a number in (0, 1]"), "{err}");
 
     let out = run(&policy("testkit-infinite-loop"));
     assert_eq!(out.status.code(), Some(1));

@@ -197,7 +197,60 @@ pub struct ModelConfig {
     pub outlier: OutlierConfig,
     #[serde(default)]
     pub policy: PolicyBinding,
+    /// Replicas of this model that the router runs on this host and supervises.
+    pub local: Option<LocalReplicas>,
+    #[serde(default = "no_endpoints")]
     pub endpoints: Spanned<Vec<EndpointConfig>>,
+}
+
+fn no_endpoints() -> Spanned<Vec<EndpointConfig>> {
+    Spanned::new(0..0, Vec::new())
+}
+
+/// "N replicas of this model, S shard processes each, on this host."
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalReplicas {
+    pub replicas: u32,
+    #[serde(default = "one")]
+    pub shards: u32,
+    /// GGUF file; relative paths are resolved against the config file.
+    pub model: PathBuf,
+    /// Fetch the default model into `model`'s folder when the file is missing.
+    #[serde(default = "yes")]
+    pub fetch: bool,
+    /// Transformer layers of the model (SmolLM2-135M: 30), split evenly across shards.
+    #[serde(default = "default_layers")]
+    pub layers: u32,
+    /// First port; replica r uses `base_port + r * shards + i` for its process i.
+    pub base_port: u16,
+    /// The shard server executable; default: `switchyard-shard` beside `switchyard`.
+    pub binary: Option<PathBuf>,
+    /// CPU threads per shard process; default: cores / (replicas × shards), at least 1.
+    pub threads: Option<u32>,
+    /// Extra arguments for every shard process.
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    pub restart_backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_restart_backoff: Duration,
+}
+
+fn one() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_layers() -> u32 {
+    30
+}
+fn default_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -345,6 +398,12 @@ pub struct EndpointConfig {
     /// Free-form labels, e.g. `version = "v2"` for canary rollout.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Health path for this endpoint, overriding the model's `health_check.path`.
+    pub health_path: Option<String>,
+    /// Not healthy until its first passed check (set for supervised local replicas, which
+    /// take a while to load their model).
+    #[serde(skip)]
+    pub start_unready: bool,
 }
 
 fn default_region() -> String {
@@ -406,6 +465,17 @@ impl Config {
         let mut cfg = Config::parse(path, &text)?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.plugins.dir = base.join(&cfg.plugins.dir);
+        for m in &mut cfg.models {
+            if let Some(l) = &mut m.local {
+                l.model = base.join(&l.model);
+                if let Some(b) = &mut l.binary
+                    && b.components().count() > 1
+                {
+                    *b = base.join(&*b);
+                }
+            }
+            crate::supervisor::add_local_endpoints(m);
+        }
         if let Some(c) = &mut cfg.plugins.cache_dir {
             *c = base.join(&*c);
         }
@@ -452,8 +522,19 @@ impl Config {
             if !names.insert(name.clone()) {
                 return Err(err_at(span, format!("model {name:?} is defined twice")));
             }
-            if m.endpoints.get_ref().is_empty() {
-                return Err(err_at(Some(m.endpoints.span()), format!("model {name:?} needs at least one endpoint")));
+            if m.endpoints.get_ref().is_empty() && m.local.is_none() {
+                return Err(err_at(
+                    span.clone(),
+                    format!("model {name:?} needs at least one endpoint or a [models.local] section"),
+                ));
+            }
+            if let Some(l) = &m.local
+                && (l.replicas == 0 || l.shards == 0 || l.shards > l.layers || l.base_port == 0)
+            {
+                return Err(err_at(
+                    span.clone(),
+                    format!("model {name:?}: local needs replicas ≥ 1, 1 ≤ shards ≤ layers, and a base_port"),
+                ));
             }
             let check = |ok: bool, what: &str| {
                 if ok { Ok(()) } else { Err(err_at(span.clone(), format!("model {name:?}: {what}"))) }

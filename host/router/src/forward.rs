@@ -187,7 +187,7 @@ async fn try_whole(
     max_response_bytes: usize,
 ) -> Result<Response<ResBody>, (Failure, RequestRecord)> {
     let exchange = async {
-        let res = model.client.request(req).await.map_err(classify)?;
+        let res = model.client().request(req).await.map_err(classify)?;
         let (parts, body) = res.into_parts();
         let bytes = Limited::new(body, max_response_bytes)
             .collect()
@@ -236,7 +236,7 @@ async fn try_stream(
 ) -> Result<Response<ResBody>, (Failure, RequestRecord)> {
     let started = Instant::now();
     let head = async {
-        let res = model.client.request(req).await.map_err(classify)?;
+        let res = model.client().request(req).await.map_err(classify)?;
         let (parts, mut body) = res.into_parts();
         if parts.status.is_server_error() {
             let bytes = Limited::new(body, 64 * 1024).collect().await.map(|c| c.to_bytes()).unwrap_or_default();

@@ -17,4 +17,5 @@ pub mod outcome;
 pub mod plugin;
 pub mod router;
 pub mod select;
+pub mod supervisor;
 pub mod upstream;

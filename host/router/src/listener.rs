@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, ListenerConfig, TlsConfig};
+use crate::config::{Config, TlsConfig};
 use crate::router::{Peer, Router};
 
 struct Bound {
@@ -28,22 +28,143 @@ struct Bound {
     admin: bool,
 }
 
-/// Binds every configured listener, prints each bound address on stdout (one line each,
-/// `listening on http://ADDR` or `https://`), then serves until a shutdown signal.
-pub async fn serve(cfg: &Config, router: Arc<Router>) -> anyhow::Result<()> {
-    let mut bound = Vec::new();
+std::thread_local! {
+    /// Which data-plane worker this thread is (`usize::MAX` off the data plane).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// The data-plane worker running on this thread, if any.
+pub fn worker_index() -> Option<usize> {
+    let w = WORKER.with(|w| w.get());
+    (w != usize::MAX).then_some(w)
+}
+
+/// Serves until a shutdown signal, thread-per-core: `workers` threads, each with its own
+/// single-threaded runtime, its own `SO_REUSEPORT` socket per listener, and its own upstream
+/// connection pool, so a request and the upstream connection serving it stay on one thread
+/// (no cross-thread wake-ups on the hot path, as in nginx). The calling runtime keeps the
+/// control plane: admin API, health checks, the plugin watcher, the supervisor, signals.
+///
+/// Prints one line per listener on stdout once every worker listens:
+/// `listening on http://ADDR` (or `https://`), and `admin listening on http://ADDR`.
+pub async fn serve(cfg: &Config, router: Arc<Router>, workers: usize) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let builder = Arc::new(http_builder(cfg));
+    let handshake_timeout = cfg.limits.header_read_timeout;
+    let grace = cfg.limits.shutdown_grace;
+
+    // The admin API runs on the control runtime.
+    let mut control = Vec::new();
+    let admin_graceful = Arc::new(GracefulShutdown::new());
     if cfg.admin.enabled {
         let listener = TcpListener::bind(cfg.admin.addr)
             .await
             .with_context(|| format!("cannot listen on {} (admin)", cfg.admin.addr))?;
         println!("admin listening on http://{}", listener.local_addr()?);
-        bound.push(Bound { listener, tls: None, admin: true });
+        let b = Bound { listener, tls: None, admin: true };
+        control.push(tokio::spawn(accept_loop(
+            b,
+            router.clone(),
+            builder.clone(),
+            admin_graceful.clone(),
+            stop_rx.clone(),
+            handshake_timeout,
+        )));
     }
+
+    // Resolve each listener's address once (port 0 becomes a real port) so every worker
+    // binds the same one.
+    let mut plans = Vec::new();
+    let mut first_sockets = Vec::new();
     for l in &cfg.listeners {
-        bound.push(bind(l).await?);
+        let tls = match &l.tls {
+            Some(t) => Some(TlsAcceptor::from(Arc::new(tls_config(t)?))),
+            None => None,
+        };
+        let first = reuseport_listener(l.addr).with_context(|| format!("cannot listen on {}", l.addr))?;
+        let addr = first.local_addr()?;
+        plans.push((addr, tls));
+        first_sockets.push(first.into_std()?);
     }
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let graceful = Arc::new(GracefulShutdown::new());
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let mut threads = Vec::new();
+    let mut first_sockets = Some(first_sockets);
+    for w in 0..workers {
+        let (router, builder, plans, mut stop) = (router.clone(), builder.clone(), plans.clone(), stop_rx.clone());
+        let ready_tx = ready_tx.clone();
+        let firsts = if w == 0 { first_sockets.take() } else { None };
+        threads.push(std::thread::Builder::new().name(format!("worker-{w}")).spawn(move || {
+            WORKER.with(|c| c.set(w));
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let graceful = Arc::new(GracefulShutdown::new());
+                let mut tasks = Vec::new();
+                for (i, (addr, tls)) in plans.into_iter().enumerate() {
+                    let listener = match &firsts {
+                        Some(f) => {
+                            f[i].try_clone().map_err(anyhow::Error::from).and_then(|s| Ok(TcpListener::from_std(s)?))
+                        }
+                        None => reuseport_listener(addr).map_err(anyhow::Error::from),
+                    };
+                    let listener = match listener {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.context(format!("worker {w}: cannot listen on {addr}"))));
+                            return;
+                        }
+                    };
+                    let b = Bound { listener, tls, admin: false };
+                    let (router, builder, graceful, stop) =
+                        (router.clone(), builder.clone(), graceful.clone(), stop.clone());
+                    tasks.push(tokio::spawn(accept_loop(b, router, builder, graceful, stop, handshake_timeout)));
+                }
+                drop(firsts);
+                let _ = ready_tx.send(Ok(()));
+                let _ = stop.wait_for(|s| *s).await;
+                for t in tasks {
+                    let _ = t.await;
+                }
+                drain(graceful, grace, w).await;
+            });
+        })?);
+    }
+    drop(ready_tx);
+    for _ in 0..workers {
+        ready_rx.recv().context("a worker thread died while starting")??;
+    }
+    for (addr, tls) in &plans {
+        // Tests and scripts read this line to learn the port when `addr` asks for port 0.
+        println!("listening on {}://{addr}", if tls.is_some() { "https" } else { "http" });
+        tracing::info!(%addr, tls = tls.is_some(), workers, "listening");
+    }
+
+    wait_for_signal().await;
+    tracing::info!("shutdown signal: draining");
+    router.begin_drain();
+    let _ = stop_tx.send(true);
+    for t in control {
+        let _ = t.await;
+    }
+    let joined = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    });
+    let _ = joined.await;
+    drain(admin_graceful, grace, usize::MAX).await;
+    // Model servers go last: they were answering the requests drained above.
+    router.supervisor.shutdown().await;
+    Ok(())
+}
+
+fn http_builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(cfg.limits.header_read_timeout).keep_alive(true);
     builder
@@ -51,56 +172,63 @@ pub async fn serve(cfg: &Config, router: Arc<Router>) -> anyhow::Result<()> {
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .max_concurrent_streams(1024);
-    let builder = Arc::new(builder);
+    builder
+}
 
-    let mut accept_tasks = Vec::new();
-    for b in bound {
-        let (router, builder, graceful, mut stop) =
-            (router.clone(), builder.clone(), graceful.clone(), shutdown_rx.clone());
-        let handshake_timeout = cfg.limits.header_read_timeout;
-        accept_tasks.push(tokio::spawn(async move {
-            loop {
-                let (stream, addr) = tokio::select! {
-                    r = b.listener.accept() => match r {
-                        Ok(s) => s,
-                        Err(e) => {
-                            // Out of file descriptors and similar: back off instead of spinning.
-                            tracing::warn!("accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                    _ = stop.changed() => break,
-                };
-                let _ = stream.set_nodelay(true);
-                let conn = Connection {
-                    router: router.clone(),
-                    builder: builder.clone(),
-                    watcher: graceful.watcher(),
-                    tls: b.tls.clone(),
-                    admin: b.admin,
-                    handshake_timeout,
-                };
-                tokio::spawn(conn.run(stream, addr));
-            }
-            // Dropping the listener here closes the socket: new connections are refused.
-        }));
-    }
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
 
-    wait_for_signal().await;
-    tracing::info!("shutdown signal: draining");
-    router.begin_drain();
-    let _ = shutdown_tx.send(true);
-    for t in accept_tasks {
-        let _ = t.await;
+async fn accept_loop(
+    b: Bound,
+    router: Arc<Router>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+    handshake_timeout: Duration,
+) {
+    loop {
+        let (stream, addr) = tokio::select! {
+            r = b.listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            router: router.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            tls: b.tls.clone(),
+            admin: b.admin,
+            handshake_timeout,
+        };
+        tokio::spawn(conn.run(stream, addr));
     }
-    let graceful = Arc::into_inner(graceful).context("listener tasks still hold the shutdown handle")?;
-    let grace = cfg.limits.shutdown_grace;
+    // Dropping the listener here closes the socket: new connections are refused.
+}
+
+/// Waits for this runtime's connections to finish, up to the grace period.
+async fn drain(graceful: Arc<GracefulShutdown>, grace: Duration, worker: usize) {
+    let Some(graceful) = Arc::into_inner(graceful) else {
+        tracing::warn!(worker, "connections still referenced; not waiting for them");
+        return;
+    };
     match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections finished"),
-        Err(_) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
+        Ok(()) => tracing::debug!(worker, "connections finished"),
+        Err(_) => tracing::warn!(worker, ?grace, "grace period over; closing remaining connections"),
     }
-    Ok(())
 }
 
 struct Connection {
@@ -143,20 +271,6 @@ impl Connection {
             }
         }
     }
-}
-
-async fn bind(l: &ListenerConfig) -> anyhow::Result<Bound> {
-    let listener = TcpListener::bind(l.addr).await.with_context(|| format!("cannot listen on {}", l.addr))?;
-    let local = listener.local_addr()?;
-    let tls = match &l.tls {
-        Some(t) => Some(TlsAcceptor::from(Arc::new(tls_config(t)?))),
-        None => None,
-    };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    // Tests and scripts read this line to learn the port when `addr` asks for port 0.
-    println!("listening on {scheme}://{local}");
-    tracing::info!(addr = %local, tls = tls.is_some(), "listening");
-    Ok(Bound { listener, tls, admin: false })
 }
 
 pub fn tls_config(t: &TlsConfig) -> anyhow::Result<ServerConfig> {

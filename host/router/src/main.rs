@@ -20,7 +20,7 @@ enum Command {
         /// Path to the TOML configuration.
         #[arg(long, short)]
         config: PathBuf,
-        /// Worker threads (defaults to the number of CPU cores).
+        /// Data-plane worker threads, one event loop each (defaults to the number of CPU cores).
         #[arg(long)]
         workers: Option<usize>,
     },
@@ -84,15 +84,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            rt.enable_all();
-            if let Some(w) = workers {
-                rt.worker_threads(w.max(1));
-            }
-            let rt = rt.build().expect("tokio runtime");
+            let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+            // The control plane (admin, health checks, plugin watcher, supervisor) gets one
+            // thread; the data plane runs thread-per-core inside `listener::serve`.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("control")
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
             let result = rt.block_on(async {
-                let router = switchyard::router::Router::start(&cfg).await?;
-                switchyard::listener::serve(&cfg, router).await
+                let router = switchyard::router::Router::start(&cfg, workers).await?;
+                switchyard::listener::serve(&cfg, router, workers).await
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,

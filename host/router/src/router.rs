@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::outcome::{ModelMetrics, RequestRecord};
 use crate::plugin::PluginHost;
 use crate::select::RequestFacts;
+use crate::supervisor::Supervisor;
 use crate::upstream::{Pool, health, now_ms};
 
 /// Everything the router knows about one model.
@@ -32,14 +33,24 @@ pub struct Model {
     pub pool: Arc<Pool>,
     pub timeouts: Timeouts,
     pub retry: RetryConfig,
-    pub client: UpstreamClient,
+    /// One pooled client per data-plane worker (plus one for the control plane), so an
+    /// upstream connection lives on the thread of the requests it serves.
+    clients: Vec<UpstreamClient>,
     pub metrics: Arc<ModelMetrics>,
     pub plugins: Arc<PluginHost>,
+}
+
+impl Model {
+    pub fn client(&self) -> &UpstreamClient {
+        let i = crate::listener::worker_index().unwrap_or(usize::MAX).min(self.clients.len() - 1);
+        &self.clients[i]
+    }
 }
 
 pub struct Router {
     pub models: HashMap<String, Arc<Model>>,
     pub plugins: Arc<PluginHost>,
+    pub supervisor: Arc<Supervisor>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     models_json: Bytes,
@@ -56,24 +67,26 @@ pub struct Peer {
 
 impl Router {
     /// Builds the router and starts its background tasks (health checks, plugin folder).
-    pub async fn start(cfg: &Config) -> anyhow::Result<Arc<Router>> {
+    pub async fn start(cfg: &Config, workers: usize) -> anyhow::Result<Arc<Router>> {
         let metrics = Arc::new(Metrics::new());
         let plugins = PluginHost::new(cfg, &metrics.registry)?;
         plugins.start().await?;
+        let supervisor = Supervisor::new(cfg, &metrics.registry)?;
+        supervisor.start(cfg).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut models = HashMap::new();
         for (index, m) in cfg.models.iter().enumerate() {
             let name = m.name.get_ref().clone();
             let pool = Arc::new(Pool::new(m, &metrics));
-            let client = forward::client(m.timeouts.connect);
-            health::spawn(pool.clone(), m.health_check.clone(), client.clone(), stop_rx.clone());
+            let clients: Vec<_> = (0..=workers).map(|_| forward::client(m.timeouts.connect)).collect();
+            health::spawn(pool.clone(), m.health_check.clone(), clients[workers].clone(), stop_rx.clone());
             let model = Model {
                 index,
                 plugins: plugins.clone(),
                 pool,
                 timeouts: m.timeouts.clone(),
                 retry: m.retry.clone(),
-                client,
+                clients,
                 metrics: Arc::new(ModelMetrics::new(&metrics, &name)),
             };
             models.insert(name, Arc::new(model));
@@ -89,6 +102,7 @@ impl Router {
         Ok(Arc::new(Router {
             models,
             plugins,
+            supervisor,
             limits: cfg.limits.clone(),
             metrics,
             models_json,
@@ -121,6 +135,9 @@ impl Router {
                 let plugins = self.plugins.clone();
                 let _ = tokio::task::spawn_blocking(move || plugins.scan()).await;
                 json(StatusCode::OK, Bytes::from(serde_json::to_vec_pretty(&self.plugins.status_json()).unwrap()))
+            }
+            (&Method::GET, "/admin/replicas") => {
+                json(StatusCode::OK, Bytes::from(serde_json::to_vec_pretty(&self.supervisor.status_json()).unwrap()))
             }
             (&Method::GET, "/admin/endpoints") => json(StatusCode::OK, Bytes::from(self.endpoints_json())),
             (&Method::GET, "/metrics") => self.metrics_response(),

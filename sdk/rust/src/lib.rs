@@ -27,6 +27,8 @@ pub mod bindings {
         world: "policy",
         pub_export_macro: true,
         default_bindings_module: "switchyard_policy::bindings",
+        // `endpoint-state` documents the packed `balance` argument; generate it anyway.
+        generate_unused_types: true,
     });
 }
 
@@ -144,6 +146,27 @@ pub fn available(e: &EndpointState) -> bool {
     e.healthy && e.circuit != CircuitState::Open
 }
 
+/// Words per endpoint in the packed `balance` argument.
+pub const STATE_WORDS: usize = 4;
+
+/// Unpacks `balance`'s endpoint states (layout documented in `policy.wit`).
+pub fn unpack_states(words: &[u32]) -> Vec<EndpointState> {
+    words
+        .chunks_exact(STATE_WORDS)
+        .map(|w| EndpointState {
+            healthy: w[0] & 1 != 0,
+            circuit: match (w[0] >> 1) & 3 {
+                0 => CircuitState::Closed,
+                1 => CircuitState::HalfOpen,
+                _ => CircuitState::Open,
+            },
+            in_flight: w[1],
+            ewma_latency_us: w[2],
+            error_rate_ppm: w[3],
+        })
+        .collect()
+}
+
 /// Exports a [`Policy`] type as the component's `plugin` interface.
 #[macro_export]
 macro_rules! export_policy {
@@ -179,7 +202,8 @@ macro_rules! export_policy {
                 fn set_topology(t: $crate::Topology) {
                     with(|p| p.set_topology(t))
                 }
-                fn balance(req: $crate::Request, endpoints: Vec<$crate::EndpointState>) -> Vec<u32> {
+                fn balance(req: $crate::Request, packed: Vec<u32>) -> Vec<u32> {
+                    let endpoints = $crate::unpack_states(&packed);
                     with(|p| p.balance(&req, &endpoints))
                 }
                 fn canary(req: $crate::Request, versions: Vec<$crate::VersionStats>) -> u32 {

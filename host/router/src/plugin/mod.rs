@@ -29,6 +29,9 @@ use engine::PluginEngine;
 use loader::{Loaded, Loader};
 use runtime::{Binding, Fault, wit};
 
+/// Share of a window's calls that must have faulted for quarantine.
+const QUARANTINE_RATIO: f64 = 0.5;
+
 /// Stage names as configured and reported.
 pub const STAGES: [&str; 4] = ["balance", "canary", "geo", "fallback"];
 
@@ -366,13 +369,18 @@ impl PluginHost {
         stats.faults.fetch_add(1, Relaxed);
         *stats.last_fault.lock().unwrap() = Some(fault.to_string());
         tracing::debug!(plugin = %binding.name, "plugin fault, native policy used: {fault}");
+        // Quarantine needs many faults *and* a high fault ratio: a sound plugin whose thread
+        // was descheduled past its deadline on a busy host must not be taken out.
         let now = now_ms();
-        let window = self.cfg.quarantine_window.as_millis() as u64;
-        let mut recent = stats.recent.lock().unwrap();
-        recent.retain(|&t| t + window > now);
-        recent.push(now);
-        if recent.len() as u32 >= self.cfg.quarantine_after {
-            recent.clear();
+        let calls = stats.calls.load(Relaxed);
+        let mut w = stats.window.lock().unwrap();
+        if now >= w.0 + self.cfg.quarantine_window.as_millis() as u64 {
+            *w = (now, calls.saturating_sub(1), 0);
+        }
+        w.2 += 1;
+        let calls_in_window = calls.saturating_sub(w.1).max(1);
+        if w.2 >= self.cfg.quarantine_after && w.2 as f64 >= QUARANTINE_RATIO * calls_in_window as f64 {
+            *w = (now, calls, 0);
             let _ = self.quarantine_tx.send((binding.name.to_string(), binding.sha256.clone()));
         }
     }
@@ -410,6 +418,7 @@ impl PluginHost {
                     "faults": a.map(|a| a.stats.faults.load(Relaxed)).unwrap_or(0),
                     "last_error": e.last_error,
                     "previous_version": e.previous.as_ref().map(|p| p.version.clone()),
+                    "compiled": a.map(|a| if a.from_cache { "cache" } else { "fresh" }),
                     "load_attempts": e.attempts,
                 })
             })
@@ -507,8 +516,11 @@ impl Selector for Arc<Binding> {
         endpoints: &[EndpointSnapshot],
         ranked: &mut Vec<u32>,
     ) -> Result<(), Fault> {
-        let states: Vec<wit::EndpointState> = endpoints.iter().map(wit_state).collect();
-        *ranked = self.balance(wit_request(facts), &states)?;
+        let mut packed = Vec::with_capacity(endpoints.len() * runtime::STATE_WORDS);
+        for e in endpoints {
+            runtime::pack_state(&mut packed, &wit_state(e));
+        }
+        *ranked = self.balance(wit_request(facts), &packed)?;
         Ok(())
     }
 

@@ -19,8 +19,8 @@ wasmtime::component::bindgen!({
     world: "policy",
 });
 
-pub use exports::switchyard::policy::plugin as abi;
 pub use self::switchyard::policy::types as wit;
+pub use exports::switchyard::policy::plugin as abi;
 
 /// What a store carries: its limits and the plugin's name for log lines.
 pub struct StoreState {
@@ -58,8 +58,11 @@ pub const ALLOWED_IMPORTS: [&str; 2] = ["switchyard:policy/host@0.1.0", "switchy
 
 pub fn linker(engine: &PluginEngine) -> anyhow::Result<Linker<StoreState>> {
     let mut linker = Linker::new(&engine.engine);
-    self::switchyard::policy::host::add_to_linker::<StoreState, wasmtime::component::HasSelf<StoreState>>(&mut linker, |s| s)
-        .map_err(super::engine::wt)?;
+    self::switchyard::policy::host::add_to_linker::<StoreState, wasmtime::component::HasSelf<StoreState>>(
+        &mut linker,
+        |s| s,
+    )
+    .map_err(super::engine::wt)?;
     Ok(linker)
 }
 
@@ -149,15 +152,23 @@ impl Live {
         self.policy.switchyard_policy_plugin().call_info(&mut self.store).map_err(trap)
     }
 
-    pub fn balance(
-        &mut self,
-        deadline_ticks: u64,
-        req: wit::Request,
-        endpoints: &[wit::EndpointState],
-    ) -> Result<Vec<u32>, Fault> {
+    pub fn balance(&mut self, deadline_ticks: u64, req: wit::Request, packed: &[u32]) -> Result<Vec<u32>, Fault> {
         self.store.set_epoch_deadline(deadline_ticks);
-        self.policy.switchyard_policy_plugin().call_balance(&mut self.store, req, endpoints).map_err(trap)
+        self.policy.switchyard_policy_plugin().call_balance(&mut self.store, req, packed).map_err(trap)
     }
+}
+
+/// Words per endpoint in `balance`'s packed argument (layout in `sdk/wit/policy.wit`).
+pub const STATE_WORDS: usize = 4;
+
+/// Appends one endpoint's state in the packed layout.
+pub fn pack_state(out: &mut Vec<u32>, s: &wit::EndpointState) {
+    let circuit = match s.circuit {
+        wit::CircuitState::Closed => 0,
+        wit::CircuitState::HalfOpen => 1,
+        wit::CircuitState::Open => 2,
+    };
+    out.extend_from_slice(&[s.healthy as u32 | circuit << 1, s.in_flight, s.ewma_latency_us, s.error_rate_ppm]);
 }
 
 /// One plugin version bound to one model: the unit that owns warm instances.
@@ -180,8 +191,8 @@ pub struct PluginStats {
     pub calls: AtomicU64,
     pub faults: AtomicU64,
     pub last_fault: Mutex<Option<String>>,
-    /// Recent fault times (ms), for the quarantine rule.
-    pub recent: Mutex<Vec<u64>>,
+    /// The current quarantine window: (start ms, calls at start, faults since start).
+    pub window: Mutex<(u64, u64, u32)>,
 }
 
 thread_local! {
@@ -218,16 +229,17 @@ impl Binding {
         })
     }
 
-    /// Asks the policy to rank endpoints. `Err` means: use the native policy.
-    pub fn balance(self: &Arc<Self>, req: wit::Request, endpoints: &[wit::EndpointState]) -> Result<Vec<u32>, Fault> {
+    /// Asks the policy to rank endpoints (`packed`: see `pack_state`). `Err` means: use
+    /// the native policy.
+    pub fn balance(self: &Arc<Self>, req: wit::Request, packed: &[u32]) -> Result<Vec<u32>, Fault> {
         self.stats.calls.fetch_add(1, Relaxed);
         let ticks = self.deadline_ticks;
-        let ranked = self.with_live(|live| live.balance(ticks, req, endpoints))?;
-        let n = endpoints.len() as u32;
+        let ranked = self.with_live(|live| live.balance(ticks, req, packed))?;
+        let n = (packed.len() / STATE_WORDS) as u32;
         if let Some(bad) = ranked.iter().find(|&&i| i >= n) {
             return Err(Fault::Invalid(format!("endpoint index {bad} out of range (there are {n})")));
         }
-        let any_available = endpoints.iter().any(|e| e.healthy && e.circuit != wit::CircuitState::Open);
+        let any_available = packed.chunks_exact(STATE_WORDS).any(|w| w[0] & 1 != 0 && (w[0] >> 1) & 3 != 2);
         if ranked.is_empty() && any_available {
             return Err(Fault::Invalid("chose no endpoint although some are available".into()));
         }

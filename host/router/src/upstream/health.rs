@@ -53,7 +53,7 @@ pub fn spawn(pool: Arc<Pool>, cfg: HealthCheckConfig, client: UpstreamClient, st
 }
 
 async fn check(client: &UpstreamClient, ep: &Endpoint, cfg: &HealthCheckConfig) -> bool {
-    let uri = format!("{}{}", ep.url, cfg.path);
+    let uri = format!("{}{}", ep.url, ep.health_path.as_deref().unwrap_or(&cfg.path));
     let req = match http::Request::get(uri).body(Full::new(Bytes::new())) {
         Ok(r) => r,
         Err(_) => return false,

@@ -26,6 +26,9 @@ pub fn now_ms() -> u64 {
 /// EWMA smoothing for latency samples.
 const EWMA_ALPHA: f64 = 0.2;
 
+/// Half-life of a latency estimate that receives no new samples.
+const EWMA_HALF_LIFE_MS: f64 = 2_000.0;
+
 pub struct Endpoint {
     pub index: usize,
     pub name: String,
@@ -37,9 +40,13 @@ pub struct Endpoint {
     pub region: String,
     pub weight: u32,
     pub labels: BTreeMap<String, String>,
+    /// Active health check path (the model's, unless the endpoint overrides it).
+    pub health_path: Option<String>,
     in_flight: AtomicU32,
     /// f64 bits, microseconds.
     ewma_us: AtomicU64,
+    /// When `ewma_us` last took a sample (ms, `now_ms` clock).
+    ewma_at_ms: AtomicU64,
     /// f32 bits.
     error_rate: AtomicU32,
     healthy: AtomicBool,
@@ -100,18 +107,20 @@ impl Endpoint {
     fn new(index: usize, model: &str, cfg: &EndpointConfig, m: &ModelConfig, metrics: &Metrics) -> Endpoint {
         let name = cfg.display_name();
         let em = metrics.endpoint(model, &name);
-        em.healthy.set(1);
+        em.healthy.set(!cfg.start_unready as i64);
         Endpoint {
             index,
             url: cfg.url.clone(),
             region: cfg.region.clone(),
             weight: cfg.weight,
             labels: cfg.labels.clone(),
+            health_path: cfg.health_path.clone(),
             in_flight: AtomicU32::new(0),
             ewma_us: AtomicU64::new(0f64.to_bits()),
+            ewma_at_ms: AtomicU64::new(0),
             error_rate: AtomicU32::new(0f32.to_bits()),
             // Optimistic until the first check says otherwise: a restarted router serves at once.
-            healthy: AtomicBool::new(true),
+            healthy: AtomicBool::new(!cfg.start_unready),
             circuit: AtomicU8::new(Circuit::Closed as u8),
             ejected_until_ms: AtomicU64::new(0),
             failure: Mutex::new(FailureState::new(m.circuit_breaker.clone(), m.outlier.clone())),
@@ -143,6 +152,14 @@ impl Endpoint {
         f64::from_bits(self.ewma_us.load(Relaxed))
     }
 
+    /// The EWMA as selection sees it: a stale estimate fades (half-life `EWMA_HALF_LIFE_MS`)
+    /// so an endpoint that once looked slow, and so got no traffic to correct that, is
+    /// tried again instead of being starved.
+    fn ewma_for_selection(&self, now_ms: u64) -> f64 {
+        let age = now_ms.saturating_sub(self.ewma_at_ms.load(Relaxed)) as f64;
+        self.ewma_latency_us() * (-age * std::f64::consts::LN_2 / EWMA_HALF_LIFE_MS).exp()
+    }
+
     pub(crate) fn set_healthy(&self, healthy: bool) {
         if self.healthy.swap(healthy, Relaxed) != healthy {
             self.metrics.healthy.set(healthy as i64);
@@ -164,7 +181,7 @@ impl Endpoint {
             healthy,
             circuit,
             in_flight: self.in_flight(),
-            ewma_latency_us: self.ewma_latency_us(),
+            ewma_latency_us: self.ewma_for_selection(now_ms),
             error_rate: f32::from_bits(self.error_rate.load(Relaxed)),
             weight: self.weight,
         }
@@ -246,12 +263,13 @@ impl Pool {
         let effect = f.record(now, outcome, probe);
         ep.error_rate.store(f.error_rate(now).to_bits(), Relaxed);
         if outcome != Outcome::Cancelled {
-            let old = ep.ewma_latency_us();
+            let old = ep.ewma_for_selection(now);
             // A failure that came back fast (connection refused) must not make the endpoint
             // look attractive: it costs at least twice the current estimate.
             let sample = if outcome == Outcome::ServerFailure { sample.max(old * 2.0) } else { sample };
             let new = if old == 0.0 { sample } else { old + EWMA_ALPHA * (sample - old) };
             ep.ewma_us.store(new.to_bits(), Relaxed);
+            ep.ewma_at_ms.store(now, Relaxed);
         }
         if effect.opened || effect.closed {
             ep.circuit.store(f.circuit as u8, Relaxed);

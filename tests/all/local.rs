@@ -1,0 +1,117 @@
+//! Local replicas of the real model, supervised by the router.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use switchyard_e2e::*;
+
+async fn replicas(router: &Router) -> Vec<serde_json::Value> {
+    let (status, _, body) = get(&router.admin_url("/admin/replicas")).await;
+    assert_eq!(status, 200);
+    json(&body)["processes"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_shard_process_fails_over_is_restarted_and_serves_again() {
+    let model = model_file();
+    let base = free_port_range(4);
+    let cfg = config(&format!(
+        r#"[[models]]
+name = "smollm2"
+retry = {{ max_attempts = 3, budget_ratio = 0.5, min_retries_per_sec = 20 }}
+health_check = {{ interval = "200ms", max_latency = "1s", unhealthy_after = 1, healthy_after = 1 }}
+outlier = {{ consecutive_failures = 2, base_ejection = "500ms" }}
+timeouts = {{ request = "60s" }}
+[models.local]
+replicas = 2
+shards = 2
+model = "{}"
+binary = "{}"
+base_port = {base}
+threads = 1
+restart_backoff = "200ms"
+"#,
+        model.display(),
+        shard_bin().display()
+    ));
+    let router = Router::start(&cfg).await;
+    for r in 0..2 {
+        let name = format!("smollm2-local-{r}");
+        router
+            .wait_metric("switchyard_endpoint_healthy", &[("endpoint", name.as_str())], Duration::from_secs(300), |v| {
+                v == 1.0
+            })
+            .await;
+    }
+    let procs = replicas(&router).await;
+    assert_eq!(procs.len(), 4, "2 replicas × 2 shards: {procs:?}");
+
+    let body = r#"{"model":"smollm2","prompt":"The capital of France is","max_tokens":2,"temperature":0}"#;
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = router.url("/v1/completions");
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let (stop, url) = (stop.clone(), url.clone());
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            let mut served = Vec::new();
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match send(&c, post_req(&url, body)).await {
+                    Ok((s, h, b)) if s == 200 => {
+                        assert!(json(&b)["choices"][0]["text"].as_str().is_some());
+                        served.push((Instant::now(), h["x-switchyard-endpoint"].to_str().unwrap().to_string()));
+                    }
+                    Ok((s, _, b)) => errors.push(format!("{s}: {}", String::from_utf8_lossy(&b))),
+                    Err(e) => errors.push(e),
+                }
+            }
+            (served, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // kill -9 the second shard of replica 0, mid-load.
+    let victim = procs.iter().find(|p| p["replica"] == 0 && p["shard"] == 1).unwrap();
+    let pid = victim["pid"].as_u64().unwrap();
+    let killed_at = Instant::now();
+    assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+
+    // The supervisor restarts it...
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let p = replicas(&router).await.into_iter().find(|p| p["replica"] == 0 && p["shard"] == 1).unwrap();
+        if p["restarts"].as_u64().unwrap() >= 1 && p["pid"].as_u64().is_some_and(|new| new != pid) {
+            assert!(p["last_exit"].as_str().unwrap().contains("signal: 9"), "{p}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never restarted: {p}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...the replica becomes ready again and takes traffic.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let c = client();
+    loop {
+        let (s, h, _) = send(&c, post_req(&url, body)).await.unwrap();
+        assert_eq!(s, 200);
+        if h["x-switchyard-endpoint"] == "smollm2-local-0" && killed_at.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica 0 never served again");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    let mut before = 0;
+    for w in workers {
+        let (served, errs) = w.await.unwrap();
+        errors.extend(errs);
+        before += served.iter().filter(|(t, e)| *t < killed_at && e == "smollm2-local-0").count();
+    }
+    assert!(errors.is_empty(), "client-visible errors: {errors:?}");
+    assert!(before > 0, "replica 0 served before the kill");
+    assert!(
+        router.metric("switchyard_local_restarts_total", &[("replica", "0"), ("shard", "1")]).await.unwrap() >= 1.0
+    );
+}
