@@ -12,6 +12,8 @@ pub struct ConsistentHash {
     points_per_weight: u32,
     /// How many distinct endpoints a decision lists (the first, then failover candidates).
     candidates: usize,
+    /// Endpoint count the ring was built for.
+    built_for: usize,
 }
 
 impl ConsistentHash {
@@ -24,6 +26,7 @@ impl ConsistentHash {
             }
         }
         self.ring.sort_unstable();
+        self.built_for = names.len();
     }
 }
 
@@ -32,7 +35,7 @@ impl Policy for ConsistentHash {
     const VERSION: &'static str = "1.0.0";
 
     fn new(_config: &str) -> Result<Self, String> {
-        Ok(ConsistentHash { ring: Vec::new(), points_per_weight: 160, candidates: 3 })
+        Ok(ConsistentHash { ring: Vec::new(), points_per_weight: 160, candidates: 3, built_for: 0 })
     }
 
     fn set_topology(&mut self, t: Topology) {
@@ -41,7 +44,7 @@ impl Policy for ConsistentHash {
     }
 
     fn balance(&mut self, req: &Request, endpoints: &[EndpointState]) -> Vec<u32> {
-        if self.ring.is_empty() || self.ring.iter().any(|&(_, i)| i as usize >= endpoints.len()) {
+        if self.ring.is_empty() || self.built_for != endpoints.len() {
             let names: Vec<(String, u32)> = (0..endpoints.len()).map(|i| (format!("endpoint-{i}"), 1)).collect();
             self.build(&names);
         }
