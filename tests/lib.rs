@@ -233,6 +233,8 @@ pub struct Script {
     /// For `"stream": true` requests: number of SSE chunks and the gap between them.
     pub chunks: usize,
     pub chunk_gap: Duration,
+    /// `usage.total_tokens` reported in non-streaming answers (none when unset).
+    pub usage_tokens: Option<u32>,
 }
 
 impl Default for Script {
@@ -244,6 +246,7 @@ impl Default for Script {
             health_delay: Duration::ZERO,
             chunks: 3,
             chunk_gap: Duration::from_millis(10),
+            usage_tokens: None,
         }
     }
 }
@@ -358,10 +361,10 @@ async fn serve(st: Arc<UpstreamState>, req: Request<Incoming>) -> Result<Respons
     st.hits.fetch_add(1, Ordering::SeqCst);
     let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     *st.last_body.lock().unwrap() = Some(body.clone());
-    let stream = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.get("stream").and_then(|s| s.as_bool()))
-        .unwrap_or(false);
+    let parsed = serde_json::from_slice::<serde_json::Value>(&body).ok();
+    let stream = parsed.as_ref().and_then(|v| v.get("stream").and_then(|s| s.as_bool())).unwrap_or(false);
+    // Like real servers, answer in the name of the model that was asked for.
+    let model_name = parsed.as_ref().and_then(|v| v.get("model").and_then(|s| s.as_str())).unwrap_or("m").to_string();
     tokio::time::sleep(script.delay).await;
     if script.status != 200 {
         let msg = format!(
@@ -375,13 +378,14 @@ async fn serve(st: Arc<UpstreamState>, req: Request<Incoming>) -> Result<Respons
     if stream {
         let (tx, rx) = mpsc::channel(16);
         let name = st.name.clone();
+        let model_name = model_name.clone();
         tokio::spawn(async move {
             for i in 0..script.chunks {
                 if i > 0 {
                     tokio::time::sleep(script.chunk_gap).await;
                 }
                 let chunk = format!(
-                    "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"served_by\":\"{name}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}}}}]}}\n\n"
+                    "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"{model_name}\",\"served_by\":\"{name}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}}}}]}}\n\n"
                 );
                 if tx.send(Bytes::from(chunk)).await.is_err() {
                     return;
@@ -393,8 +397,12 @@ async fn serve(st: Arc<UpstreamState>, req: Request<Incoming>) -> Result<Respons
         res.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
         return Ok(res);
     }
+    let usage = script
+        .usage_tokens
+        .map(|n| format!(",\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":{},\"total_tokens\":{n}}}", n - 1))
+        .unwrap_or_default();
     let answer = format!(
-        "{{\"id\":\"x\",\"object\":\"chat.completion\",\"model\":\"m\",\"served_by\":\"{}\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"hello\"}},\"finish_reason\":\"stop\"}}]}}",
+        "{{\"id\":\"x\",\"object\":\"chat.completion\",\"model\":\"{model_name}\",\"served_by\":\"{}\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"hello\"}},\"finish_reason\":\"stop\"}}]{usage}}}",
         st.name
     );
     let mut res = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(answer))));
@@ -443,6 +451,13 @@ pub async fn send(c: &HttpClient, req: Request<Full<Bytes>>) -> Result<(StatusCo
     Ok((parts.status, parts.headers, body))
 }
 
+/// A POST carrying `Authorization: Bearer KEY` (the key names the tenant).
+pub async fn post_as(key: &str, url: &str, body: impl Into<Bytes>) -> (StatusCode, http::HeaderMap, Bytes) {
+    let mut req = post_req(url, body);
+    req.headers_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+    send(&client(), req).await.expect("POST")
+}
+
 pub async fn post(url: &str, body: impl Into<Bytes>) -> (StatusCode, http::HeaderMap, Bytes) {
     send(&client(), post_req(url, body)).await.expect("POST")
 }
@@ -489,7 +504,8 @@ pub fn model(name: &str, upstreams: &[&Upstream], extra: &str) -> String {
 // Policy components
 
 /// Standard policies shipped in `policies/`.
-pub const STANDARD_POLICIES: [&str; 4] = ["round-robin", "weighted-round-robin", "least-request", "consistent-hash"];
+pub const STANDARD_POLICIES: [&str; 5] =
+    ["round-robin", "weighted-round-robin", "least-request", "consistent-hash", "fallback"];
 
 /// Test-kit behaviours (cargo features of `tests/policies/testkit`).
 pub const TESTKIT_MODES: [&str; 7] =

@@ -1,11 +1,13 @@
 //! End-to-end tests: the real `switchyard` binary, real sockets, scripted upstreams.
 //! One test binary, one file per concern.
 
+mod admission;
 mod api;
 mod balancing;
 mod breaker;
 mod cli;
 mod failover;
+mod fallback;
 mod health;
 mod local;
 mod plugins;

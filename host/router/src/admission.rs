@@ -28,6 +28,10 @@ pub struct RequestHead<'a> {
     pub messages: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow, default)]
     pub prompt: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
 }
 
 /// Bytes of the prompt that identify a shared prefix (system prompt, few-shot examples).
@@ -48,6 +52,13 @@ impl RequestHead<'_> {
     pub fn prompt_tokens(&self) -> u32 {
         (self.prompt_text().len() / 4).min(u32::MAX as usize) as u32
     }
+
+    /// What the request may cost in tokens, for the tenant's tokens-per-minute budget:
+    /// the prompt estimate plus the completion it asks for (256 when it does not say).
+    pub fn token_estimate(&self) -> u32 {
+        let completion = self.max_completion_tokens.or(self.max_tokens).unwrap_or(256);
+        self.prompt_tokens().saturating_add(completion)
+    }
 }
 
 /// The tenant is the API key of `Authorization: Bearer ...`, kept only as a hash.
@@ -56,7 +67,7 @@ pub fn tenant_of(headers: &HeaderMap) -> u64 {
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(|key| hash64(key.trim().as_bytes()) | 1)
+        .map(crate::ratelimit::key_hash)
         .unwrap_or(0)
 }
 

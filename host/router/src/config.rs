@@ -48,6 +48,101 @@ pub struct Config {
     pub plugins: PluginsConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+    #[serde(default)]
+    pub degraded: DegradedConfig,
+}
+
+/// The rule-based responder: the last step of a fallback chain (see `degraded.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DegradedConfig {
+    /// The answer when no rule matches.
+    pub default_answer: String,
+    /// Tried in order; the first rule whose keyword (case-insensitive substring) or regex
+    /// matches the user's last message answers.
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for DegradedConfig {
+    fn default() -> Self {
+        DegradedConfig {
+            default_answer: "The assistant is temporarily running in a degraded mode and cannot answer this \
+                             request fully. Please try again in a few minutes."
+                .into(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    pub regex: Option<Spanned<String>>,
+    pub answer: String,
+}
+
+/// A model's degradation chain: the primary (this model) gets `primary_timeout`, then
+/// each fallback model in turn gets what remains of `budget`, then — with `rule_based` —
+/// the rule-based responder answers. The fallback stage plugin, when bound, decides each
+/// step instead of this fixed order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// Models (by name, defined in this file) tried in order after this one.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// The primary's share of the budget (the seed design uses 5 s).
+    #[serde(default = "five_secs", with = "humantime_serde")]
+    pub primary_timeout: Duration,
+    /// The whole request's time budget; fallback models answer within what remains.
+    #[serde(default = "fifteen_secs", with = "humantime_serde")]
+    pub budget: Duration,
+    /// End the chain with the rule-based responder (else with the last model's error).
+    #[serde(default = "yes")]
+    pub rule_based: bool,
+}
+
+fn five_secs() -> Duration {
+    Duration::from_secs(5)
+}
+fn fifteen_secs() -> Duration {
+    Duration::from_secs(15)
+}
+
+/// Load shedding and per-tenant limits (see `ratelimit.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Requests the router serves at once; beyond it new ones get 503 before their body is
+    /// read (0: no limit).
+    pub max_in_flight: u32,
+    /// Limits for every tenant (API key of `Authorization: Bearer`; requests without a key
+    /// share one anonymous tenant). Unset fields do not limit.
+    pub tenant: TenantLimits,
+    /// Per-key overrides, by API key.
+    pub tenants: BTreeMap<String, TenantLimits>,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig { max_in_flight: 10_000, tenant: TenantLimits::default(), tenants: BTreeMap::new() }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantLimits {
+    /// Sustained requests per second (0: no limit).
+    pub requests_per_second: f64,
+    /// Requests allowed at once above the rate; default: one second's worth.
+    pub burst: Option<u32>,
+    /// Prompt plus completion tokens per minute, estimated at admission and corrected from
+    /// the answer's `usage` (0: no limit).
+    pub tokens_per_minute: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,11 +151,31 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// The admin API's own listener; loopback by default so it is not exposed by accident.
     pub addr: SocketAddr,
+    /// When set, every admin request needs `Authorization: Bearer <token>`. Required when
+    /// `addr` is not a loopback address.
+    pub token: Option<String>,
+    /// Read the token from this environment variable instead (keeps it out of the file).
+    pub token_env: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { enabled: true, addr: "127.0.0.1:9901".parse().expect("valid address") }
+        AdminConfig {
+            enabled: true,
+            addr: "127.0.0.1:9901".parse().expect("valid address"),
+            token: None,
+            token_env: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The configured token, from the file or the environment.
+    pub fn resolved_token(&self) -> Option<String> {
+        self.token
+            .clone()
+            .or_else(|| self.token_env.as_ref().and_then(|v| std::env::var(v).ok()))
+            .filter(|t| !t.is_empty())
     }
 }
 
@@ -197,6 +312,12 @@ pub struct ModelConfig {
     pub outlier: OutlierConfig,
     #[serde(default)]
     pub policy: PolicyBinding,
+    /// Requests this model serves at once; beyond it a request degrades to the model's
+    /// fallback, or gets 503 when it has none (0: no limit).
+    #[serde(default)]
+    pub max_in_flight: u32,
+    /// Graceful degradation when this model fails (see `FallbackConfig`).
+    pub fallback: Option<FallbackConfig>,
     /// Replicas of this model that the router runs on this host and supervises.
     pub local: Option<LocalReplicas>,
     #[serde(default = "no_endpoints")]
@@ -509,6 +630,35 @@ impl Config {
                     .into(),
             ));
         }
+        if cfg.admin.enabled && !cfg.admin.addr.ip().is_loopback() && cfg.admin.resolved_token().is_none() {
+            return Err(err_at(
+                None,
+                format!(
+                    "[admin]: addr {} is not loopback, so a token (or token_env naming a set variable) is required",
+                    cfg.admin.addr
+                ),
+            ));
+        }
+        for (who, l) in std::iter::once(("admission.tenant", &cfg.admission.tenant))
+            .chain(cfg.admission.tenants.values().map(|l| ("admission.tenants", l)))
+        {
+            if !(l.requests_per_second >= 0.0 && l.requests_per_second.is_finite()) || l.burst == Some(0) {
+                return Err(err_at(
+                    None,
+                    format!("[{who}]: requests_per_second must be a finite number ≥ 0 and burst at least 1"),
+                ));
+            }
+        }
+        for r in &cfg.degraded.rules {
+            if let Some(re) = &r.regex
+                && let Err(e) = regex::Regex::new(re.get_ref())
+            {
+                return Err(err_at(Some(re.span()), format!("invalid regex: {e}")));
+            }
+            if r.keywords.is_empty() && r.regex.is_none() {
+                return Err(err_at(None, "[[degraded.rules]]: each rule needs keywords or a regex".into()));
+            }
+        }
         if cfg.listeners.is_empty() {
             return Err(err_at(None, "at least one [[listeners]] entry is required".into()));
         }
@@ -558,6 +708,19 @@ impl Config {
                 m.health_check.unhealthy_after >= 1 && m.health_check.healthy_after >= 1,
                 "health_check thresholds must be at least 1",
             )?;
+            if let Some(f) = &m.fallback {
+                for fb in &f.models {
+                    check(fb != name, "fallback.models must not name the model itself")?;
+                    check(
+                        cfg.models.iter().any(|o| o.name.get_ref() == fb),
+                        &format!("fallback model {fb:?} is not defined in this file"),
+                    )?;
+                }
+                check(
+                    !f.primary_timeout.is_zero() && f.primary_timeout <= f.budget,
+                    "fallback.primary_timeout must be positive and within fallback.budget",
+                )?;
+            }
             let mut seen = HashSet::new();
             for ep in m.endpoints.get_ref() {
                 check(ep.weight >= 1, "endpoint weight must be at least 1")?;
@@ -628,6 +791,18 @@ url = "http://127.0.0.1:9001"
         let err = parse(&text).unwrap_err();
         assert_eq!(err.line, Some(8), "{err}");
         assert!(err.to_string().starts_with("test.toml:8:"), "{err}");
+    }
+
+    #[test]
+    fn exposed_admin_needs_a_token_and_bad_regex_names_its_line() {
+        let err = parse(&format!("[admin]\naddr = \"0.0.0.0:9901\"\n{GOOD}")).unwrap_err();
+        assert!(err.reason.contains("token"), "{err}");
+        parse(&format!("[admin]\naddr = \"0.0.0.0:9901\"\ntoken = \"t\"\n{GOOD}")).unwrap();
+        let err = parse(&format!("{GOOD}\n[[degraded.rules]]\nregex = \"(unclosed\"\nanswer = \"x\"\n")).unwrap_err();
+        assert_eq!(err.line, Some(11), "{err}");
+        assert!(err.reason.contains("regex"), "{err}");
+        let err = parse(&GOOD.replace("name = \"m\"", "name = \"m\"\nfallback = { models = [\"nope\"] }")).unwrap_err();
+        assert!(err.reason.contains("nope"), "{err}");
     }
 
     #[test]

@@ -120,6 +120,41 @@ impl ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "not_ready", "the router is not ready")
     }
 
+    /// The router (or a model on it) is over capacity: shed before doing work.
+    pub fn overloaded(what: &str, retry_after_secs: u64) -> ApiError {
+        ApiError {
+            retry_after_secs: Some(retry_after_secs),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "overloaded",
+                format!("{what}; retry after {retry_after_secs} s"),
+            )
+        }
+    }
+
+    /// A tenant over one of its limits.
+    pub fn rate_limited(limit: &str, retry_after_secs: u64) -> ApiError {
+        ApiError {
+            retry_after_secs: Some(retry_after_secs),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                format!("rate limit reached for {limit}; retry after {retry_after_secs} s"),
+            )
+        }
+    }
+
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            "the admin API needs `Authorization: Bearer <admin token>`",
+        )
+    }
+
     pub fn body_json(&self) -> Bytes {
         let v = serde_json::json!({
             "error": { "message": self.message, "type": self.kind, "code": self.code, "param": null }

@@ -55,13 +55,41 @@ pub struct Outbound<'a> {
     pub tls: bool,
 }
 
+/// Why a request got no answer from a model: what the fallback stage decides on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailKind {
+    Connect,
+    Timeout,
+    ServerError,
+    /// No endpoint may take traffic (health, ejection, open circuits).
+    Unavailable,
+    /// The model is at its concurrency limit.
+    Overload,
+}
+
+/// What `forward` produced: the response for the client, and why it is not an answer when
+/// it is not one (then a fallback may replace it).
+pub struct Forwarded {
+    pub response: Response<ResBody>,
+    pub failed: Option<FailKind>,
+}
+
+impl Forwarded {
+    fn failed(response: Response<ResBody>, kind: FailKind) -> Forwarded {
+        Forwarded { response, failed: Some(kind) }
+    }
+}
+
+/// Tries the model's endpoints for one request. `deadline` bounds every attempt (the
+/// primary's share of a fallback budget); `None` leaves only the model's own timeouts.
 pub async fn forward(
     model: &Arc<Model>,
     facts: RequestFacts<'_>,
     out: Outbound<'_>,
     record: RequestRecord,
     max_response_bytes: usize,
-) -> Response<ResBody> {
+    deadline: Option<Instant>,
+) -> Forwarded {
     let pool = &model.pool;
     let now = now_ms();
     let mut snapshot = Vec::with_capacity(pool.endpoints.len());
@@ -69,7 +97,8 @@ pub async fn forward(
     let mut ranked = Vec::with_capacity(pool.endpoints.len());
     choose(model, &facts, &snapshot, &mut ranked);
     if ranked.is_empty() {
-        return reply_error(record, ApiError::no_healthy_endpoint(&pool.model, pool.retry_after_secs(now)));
+        let e = ApiError::no_healthy_endpoint(&pool.model, pool.retry_after_secs(now));
+        return Forwarded::failed(reply_error(record, e), FailKind::Unavailable);
     }
     pool.budget.deposit(now);
 
@@ -88,6 +117,11 @@ pub async fn forward(
             }
             model.metrics.retries.inc();
         }
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) {
+            last = Some(Failure::Timeout);
+            break;
+        }
         let endpoint = &pool.endpoints[index as usize];
         let Some(attempt) = pool.start(endpoint) else {
             continue;
@@ -95,12 +129,14 @@ pub async fn forward(
         attempts += 1;
         let req = upstream_request(endpoint, &out, &headers);
         let result = if facts.stream {
-            try_stream(model, req, attempt, record, attempts).await
+            let limit = left.map_or(model.timeouts.first_byte, |l| l.min(model.timeouts.first_byte));
+            try_stream(model, req, attempt, record, attempts, limit).await
         } else {
-            try_whole(model, req, attempt, record, attempts, max_response_bytes).await
+            let limit = left.map_or(model.timeouts.request, |l| l.min(model.timeouts.request));
+            try_whole(model, req, attempt, record, attempts, max_response_bytes, limit).await
         };
         match result {
-            Ok(res) => return res,
+            Ok(res) => return Forwarded { response: res, failed: None },
             Err((failure, r)) => {
                 record = r;
                 tracing::debug!(model = %pool.model, endpoint = %endpoint.name, attempt = attempts, "attempt failed: {}", failure.describe());
@@ -112,14 +148,24 @@ pub async fn forward(
     match last {
         Some(Failure::Status(parts, body)) => {
             finish_record(record, Some(attempt_name(&parts)), parts.status);
-            Response::from_parts(parts, boxed_full(body))
+            Forwarded::failed(Response::from_parts(parts, boxed_full(body)), FailKind::ServerError)
         }
-        Some(Failure::Timeout) => reply_error(record, ApiError::upstream_timeout(&pool.model)),
-        Some(f @ (Failure::Connect(_) | Failure::Broken(_))) => {
-            reply_error(record, ApiError::upstream_failed(&pool.model, f.describe()))
+        Some(Failure::Timeout) => {
+            Forwarded::failed(reply_error(record, ApiError::upstream_timeout(&pool.model)), FailKind::Timeout)
         }
+        Some(f @ Failure::Connect(_)) => Forwarded::failed(
+            reply_error(record, ApiError::upstream_failed(&pool.model, f.describe())),
+            FailKind::Connect,
+        ),
+        Some(f @ Failure::Broken(_)) => Forwarded::failed(
+            reply_error(record, ApiError::upstream_failed(&pool.model, f.describe())),
+            FailKind::ServerError,
+        ),
         // Every candidate was a half-open circuit already busy with its probe.
-        None => reply_error(record, ApiError::no_healthy_endpoint(&pool.model, pool.retry_after_secs(now_ms()))),
+        None => Forwarded::failed(
+            reply_error(record, ApiError::no_healthy_endpoint(&pool.model, pool.retry_after_secs(now_ms()))),
+            FailKind::Unavailable,
+        ),
     }
 }
 
@@ -185,6 +231,7 @@ async fn try_whole(
     record: RequestRecord,
     attempts: u32,
     max_response_bytes: usize,
+    limit: Duration,
 ) -> Result<Response<ResBody>, (Failure, RequestRecord)> {
     let exchange = async {
         let res = model.client().request(req).await.map_err(classify)?;
@@ -196,7 +243,7 @@ async fn try_whole(
             .to_bytes();
         Ok((parts, bytes))
     };
-    let result = match tokio::time::timeout(model.timeouts.request, exchange).await {
+    let result = match tokio::time::timeout(limit, exchange).await {
         Err(_) => Err(Failure::Timeout),
         Ok(r) => r,
     };
@@ -215,12 +262,25 @@ async fn try_whole(
     let outcome = if parts.status.is_client_error() { Outcome::ClientError } else { Outcome::Success };
     let endpoint = attempt.endpoint().name_arc.clone();
     attempt.finish(outcome, None);
+    let mut record = record;
+    if record.counts_tokens() {
+        // A 4xx used nothing; an answer without usage keeps the estimate.
+        if parts.status.is_client_error() {
+            record.settle_tokens(0);
+        } else if let Some(used) = crate::ratelimit::usage_total_tokens(&bytes) {
+            record.settle_tokens(used);
+        }
+    }
     // The body is already here: as far as the router's work goes the request is complete.
     finish_record(record, Some(endpoint), parts.status);
     Ok(Response::from_parts(parts, boxed_full(bytes)))
 }
 
 fn finish_record(mut record: RequestRecord, endpoint: Option<Arc<str>>, status: StatusCode) {
+    if status.is_server_error() {
+        // Nothing was generated for the tenant: give its tokens back.
+        record.settle_tokens(0);
+    }
     let now = Instant::now();
     record.answered(endpoint, status.as_u16(), now);
     record.finish(Some(now));
@@ -233,6 +293,7 @@ async fn try_stream(
     attempt: Attempt,
     mut record: RequestRecord,
     attempts: u32,
+    first_byte: Duration,
 ) -> Result<Response<ResBody>, (Failure, RequestRecord)> {
     let started = Instant::now();
     let head = async {
@@ -253,7 +314,7 @@ async fn try_stream(
         };
         Ok((parts, body, first))
     };
-    let head = match tokio::time::timeout(model.timeouts.first_byte, head).await {
+    let head = match tokio::time::timeout(first_byte, head).await {
         Err(_) => Err(Failure::Timeout),
         Ok(r) => r,
     };

@@ -9,12 +9,14 @@
 pub mod admission;
 pub mod body;
 pub mod config;
+pub mod degraded;
 pub mod error;
 pub mod forward;
 pub mod listener;
 pub mod metrics;
 pub mod outcome;
 pub mod plugin;
+pub mod ratelimit;
 pub mod router;
 pub mod select;
 pub mod supervisor;

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub ejections: IntCounterVec,
     pub circuit_opened: IntCounterVec,
     pub health_checks: IntCounterVec,
+    pub degraded: IntCounterVec,
 }
 
 /// Latency buckets from 0.5 ms to 2 minutes: LLM calls span local fast paths to long generations.
@@ -100,6 +101,11 @@ impl Metrics {
                 "switchyard_health_checks_total",
                 "Active health checks by result",
                 &["model", "endpoint", "result"],
+            ),
+            degraded: counter(
+                "switchyard_degraded_total",
+                "Requests answered in degraded mode, by requested model and how (fallback-model, rule-based)",
+                &["model", "mode"],
             ),
             registry,
         }

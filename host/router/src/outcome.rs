@@ -8,6 +8,7 @@ use std::time::Instant;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 
 use crate::metrics::Metrics;
+use crate::ratelimit::{ModelSlot, Permit, TokenCharge};
 
 /// Per-model metric handles, resolved once at start.
 pub struct ModelMetrics {
@@ -40,12 +41,51 @@ pub struct RequestRecord {
     started: Instant,
     endpoint: Option<Arc<str>>,
     status: u16,
+    /// The request's admission slots, released when the record goes (the last byte, or the
+    /// client leaving).
+    _permit: Option<Arc<Permit>>,
+    _slot: Option<ModelSlot>,
+    /// The tenant's token charge, settled from the answer's usage when it has one.
+    charge: Option<TokenCharge>,
 }
 
 impl RequestRecord {
     pub fn begin(metrics: &Arc<ModelMetrics>, started: Instant) -> RequestRecord {
         metrics.in_flight.inc();
-        RequestRecord { metrics: metrics.clone(), started, endpoint: None, status: 0 }
+        RequestRecord {
+            metrics: metrics.clone(),
+            started,
+            endpoint: None,
+            status: 0,
+            _permit: None,
+            _slot: None,
+            charge: None,
+        }
+    }
+
+    /// Holds the request's admission slots (and token charge) for as long as the record lives.
+    pub fn with_admission(
+        mut self,
+        permit: Arc<Permit>,
+        slot: Option<ModelSlot>,
+        charge: Option<TokenCharge>,
+    ) -> RequestRecord {
+        self._permit = Some(permit);
+        self._slot = slot;
+        self.charge = charge;
+        self
+    }
+
+    /// Whether the tenant's tokens are being counted (then the answer's usage is worth reading).
+    pub fn counts_tokens(&self) -> bool {
+        self.charge.is_some()
+    }
+
+    /// Replaces the admission estimate with the tokens the answer reports.
+    pub fn settle_tokens(&mut self, used: u32) {
+        if let Some(c) = self.charge.take() {
+            c.settle(used);
+        }
     }
 
     pub fn answered(&mut self, endpoint: Option<Arc<str>>, status: u16, first_byte: Instant) {

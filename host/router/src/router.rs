@@ -16,12 +16,15 @@ use tokio::sync::watch;
 
 use crate::admission;
 use crate::body::{ResBody, boxed_full};
-use crate::config::{Config, Limits, RetryConfig, Timeouts};
+use crate::config::{Config, FallbackConfig, Limits, RetryConfig, Timeouts};
+use crate::degraded::{self, Responder};
 use crate::error::ApiError;
-use crate::forward::{self, Outbound, UpstreamClient};
+use crate::forward::{self, FailKind, Forwarded, Outbound, UpstreamClient};
 use crate::metrics::Metrics;
 use crate::outcome::{ModelMetrics, RequestRecord};
 use crate::plugin::PluginHost;
+use crate::plugin::runtime::wit;
+use crate::ratelimit::{Admission, ModelSlot, Permit, Rejection, TokenCharge};
 use crate::select::RequestFacts;
 use crate::supervisor::Supervisor;
 use crate::upstream::{Pool, health, now_ms};
@@ -38,6 +41,11 @@ pub struct Model {
     clients: Vec<UpstreamClient>,
     pub metrics: Arc<ModelMetrics>,
     pub plugins: Arc<PluginHost>,
+    /// Concurrency limit (0: none) and the requests holding a slot of it.
+    pub max_in_flight: u32,
+    pub concurrency: Arc<std::sync::atomic::AtomicU32>,
+    /// The degradation chain, when configured.
+    pub fallback: Option<FallbackConfig>,
 }
 
 impl Model {
@@ -53,6 +61,9 @@ pub struct Router {
     pub supervisor: Arc<Supervisor>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
+    pub admission: Arc<Admission>,
+    responder: Responder,
+    admin_token: Option<String>,
     models_json: Bytes,
     draining: AtomicBool,
     stop_tx: watch::Sender<bool>,
@@ -88,6 +99,9 @@ impl Router {
                 retry: m.retry.clone(),
                 clients,
                 metrics: Arc::new(ModelMetrics::new(&metrics, &name)),
+                max_in_flight: m.max_in_flight,
+                concurrency: Default::default(),
+                fallback: m.fallback.clone(),
             };
             models.insert(name, Arc::new(model));
         }
@@ -104,6 +118,9 @@ impl Router {
             plugins,
             supervisor,
             limits: cfg.limits.clone(),
+            admission: Admission::new(&cfg.admission, &metrics.registry),
+            responder: Responder::new(&cfg.degraded)?,
+            admin_token: cfg.admin.resolved_token(),
             metrics,
             models_json,
             draining: AtomicBool::new(false),
@@ -127,6 +144,14 @@ impl Router {
 
     /// The admin API, served on its own (loopback by default) listener.
     pub async fn handle_admin(self: Arc<Self>, req: Request<Incoming>, _peer: Peer) -> Response<ResBody> {
+        if let Some(token) = &self.admin_token
+            && !bearer_matches(req.headers(), token)
+        {
+            let mut res = ApiError::unauthorized().into_response();
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"switchyard-admin\""));
+            return res;
+        }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/admin/plugins") => {
                 json(StatusCode::OK, Bytes::from(serde_json::to_vec_pretty(&self.plugins.status_json()).unwrap()))
@@ -211,6 +236,13 @@ impl Router {
     async fn infer(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ResBody> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
+        // Shed before doing any work: router capacity and the tenant's request rate are
+        // decided from the headers alone.
+        let tenant = admission::tenant_of(&parts.headers);
+        let permit = match self.admission.admit(tenant) {
+            Ok(p) => p,
+            Err(e) => return e.into_response(),
+        };
         let body =
             match admission::read_body(&parts.headers, body, self.limits.max_body_bytes, self.limits.body_read_timeout)
                 .await
@@ -228,19 +260,175 @@ impl Router {
         let Some(model) = self.models.get(model_name) else {
             return ApiError::model_unknown(model_name).into_response();
         };
+        let charge = match self.admission.charge_tokens(tenant, head.token_estimate()) {
+            Ok(c) => c,
+            Err(e) => return e.into_response(),
+        };
         let facts = RequestFacts {
             model: model_name,
             stream: head.stream.unwrap_or(false),
             user: head.user.as_deref(),
-            tenant: admission::tenant_of(&parts.headers),
+            tenant,
             prefix_hash: head.prefix_hash(),
             prompt_tokens: head.prompt_tokens(),
             attempt: 0,
         };
-        let record = RequestRecord::begin(&model.metrics, started);
-        let out = Outbound { parts: &parts, body: body.clone(), client_addr: peer.addr, tls: peer.tls };
-        forward::forward(model, facts, out, record, self.limits.max_response_bytes).await
+        let permit = Arc::new(permit);
+        if model.fallback.is_none() {
+            // The common case: one model, no degradation chain.
+            let Ok(slot) = ModelSlot::take(&model.concurrency, model.max_in_flight) else {
+                self.admission.count(Rejection::ModelConcurrency);
+                return ApiError::overloaded(&format!("model {model_name:?} is at its concurrency limit"), 1)
+                    .into_response();
+            };
+            let record = RequestRecord::begin(&model.metrics, started).with_admission(permit, slot, charge);
+            let out = Outbound { parts: &parts, body: body.clone(), client_addr: peer.addr, tls: peer.tls };
+            return forward::forward(model, facts, out, record, self.limits.max_response_bytes, None).await.response;
+        }
+        self.degrade(model, facts, &parts, &body, peer, started, permit, charge).await
     }
+
+    /// The degradation chain of the seed design: the primary within its share of the budget,
+    /// then fallback models within what remains, then the rule-based answer. The fallback
+    /// stage plugin (or, without one, the configured order) decides each step.
+    #[allow(clippy::too_many_arguments)]
+    async fn degrade(
+        &self,
+        primary: &Arc<Model>,
+        facts: RequestFacts<'_>,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        peer: Peer,
+        started: Instant,
+        permit: Arc<Permit>,
+        charge: Option<TokenCharge>,
+    ) -> Response<ResBody> {
+        let chain = primary.fallback.as_ref().expect("called for models with a fallback chain");
+        let budget_end = started + chain.budget;
+        let mut target = primary.clone();
+        let mut target_body = body.clone();
+        let mut charge = charge;
+        let mut step = 0u32;
+        let mut retried = false;
+        // Each model once, one retry, and the rules: the loop cannot run away.
+        for _ in 0..chain.models.len() + 3 {
+            let limit = if step == 0 { started + chain.primary_timeout } else { budget_end };
+            let facts = RequestFacts { model: &target.pool.model, attempt: step, ..facts };
+            let Forwarded { mut response, failed } = match ModelSlot::take(&target.concurrency, target.max_in_flight) {
+                Err(()) => {
+                    self.admission.count(Rejection::ModelConcurrency);
+                    let e =
+                        ApiError::overloaded(&format!("model {:?} is at its concurrency limit", target.pool.model), 1);
+                    Forwarded { response: e.into_response(), failed: Some(FailKind::Overload) }
+                }
+                Ok(slot) => {
+                    let record = RequestRecord::begin(&target.metrics, Instant::now()).with_admission(
+                        permit.clone(),
+                        slot,
+                        charge.take(),
+                    );
+                    let out = Outbound { parts, body: target_body.clone(), client_addr: peer.addr, tls: peer.tls };
+                    forward::forward(&target, facts, out, record, self.limits.max_response_bytes, Some(limit)).await
+                }
+            };
+            let Some(kind) = failed else {
+                if step > 0 {
+                    response.headers_mut().insert(degraded::HEADER, HeaderValue::from_static("fallback-model"));
+                    self.metrics.degraded.with_label_values(&[&primary.pool.model, "fallback-model"]).inc();
+                }
+                return response;
+            };
+            let elapsed = started.elapsed();
+            let decision = self.fallback_decision(primary, chain, &facts, kind, step, elapsed);
+            tracing::debug!(model = %primary.pool.model, step, ?kind, ?decision, "fallback decision");
+            match decision {
+                wit::FallbackDecision::Retry if !retried => retried = true,
+                wit::FallbackDecision::FallbackModel(i) => {
+                    let name = &chain.models[i as usize];
+                    let Some(next) = self.models.get(name) else { return response };
+                    target = next.clone();
+                    target_body = with_model(body, name);
+                    step += 1;
+                }
+                wit::FallbackDecision::RuleBased => return self.rule_based(primary, parts, body, facts.stream),
+                wit::FallbackDecision::Retry | wit::FallbackDecision::GiveUp => return response,
+            }
+        }
+        self.rule_based(primary, parts, body, facts.stream)
+    }
+
+    fn rule_based(
+        &self,
+        primary: &Model,
+        parts: &http::request::Parts,
+        body: &[u8],
+        stream: bool,
+    ) -> Response<ResBody> {
+        self.metrics.degraded.with_label_values(&[&primary.pool.model, "rule-based"]).inc();
+        self.responder.respond(parts.uri.path(), body, stream)
+    }
+
+    /// The fallback stage: the model's plugin when one is bound (a fault falls back to the
+    /// native order), else the configured chain in order, then the rules.
+    fn fallback_decision(
+        &self,
+        primary: &Model,
+        chain: &FallbackConfig,
+        facts: &RequestFacts<'_>,
+        kind: FailKind,
+        step: u32,
+        elapsed: std::time::Duration,
+    ) -> wit::FallbackDecision {
+        let set = self.plugins.current();
+        if let Some(binding) = set.fallback(primary.index) {
+            let failure = wit::Failure {
+                kind: match kind {
+                    FailKind::Connect => wit::FailureKind::Connect,
+                    FailKind::Timeout => wit::FailureKind::Timeout,
+                    FailKind::ServerError => wit::FailureKind::ServerError,
+                    FailKind::Unavailable => wit::FailureKind::CircuitOpen,
+                    FailKind::Overload => wit::FailureKind::Overload,
+                },
+                attempts: step + 1,
+                elapsed_ms: elapsed.as_millis().min(u32::MAX as u128) as u32,
+            };
+            match binding.fallback(crate::plugin::wit_request(facts), failure) {
+                Ok(d) => return d,
+                Err(fault) => self.plugins.record_fault(&primary.pool.model, "fallback", binding, &fault),
+            }
+        }
+        if (step as usize) < chain.models.len() && elapsed < chain.budget {
+            wit::FallbackDecision::FallbackModel(step)
+        } else if chain.rule_based {
+            wit::FallbackDecision::RuleBased
+        } else {
+            wit::FallbackDecision::GiveUp
+        }
+    }
+}
+
+/// The request body with its `model` replaced, for a fallback model's endpoints.
+fn with_model(body: &Bytes, model: &str) -> Bytes {
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
+        Ok(mut v) => {
+            v.insert("model".into(), serde_json::Value::String(model.to_string()));
+            Bytes::from(serde_json::to_vec(&v).expect("json value serialises"))
+        }
+        Err(_) => body.clone(),
+    }
+}
+
+/// `Authorization: Bearer <token>`, compared in constant time.
+fn bearer_matches(headers: &http::HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn json(status: StatusCode, body: Bytes) -> Response<ResBody> {

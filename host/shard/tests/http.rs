@@ -260,11 +260,18 @@ fn two_stage_replica_end_to_end() {
         let r = post(
             &a2,
             "/v1/completions",
-            &json!({"prompt": "Tell me a long story.", "max_tokens": 400, "temperature": 0}),
+            // Counting never reaches an end-of-text token, so this runs for the whole budget.
+            &json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 400, "temperature": 0}),
         );
         (r.status, Instant::now())
     });
-    std::thread::sleep(Duration::from_millis(800));
+    // Kill only once the sequence is decoding (a fixed sleep raced a fast machine).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&get(&addr, "/metrics").body, "switchyard_shard_active_sequences") < 1.0 {
+        assert!(Instant::now() < deadline, "the long request never joined the batch");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
     let killed_at = Instant::now();
     assert!(Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap().success());
     let (status, at) = inflight.join().unwrap();

@@ -125,6 +125,9 @@ impl Loader {
             // Generous against preemption on a busy host; a runaway loop still fails it.
             self_test_balance(&mut live, (self.deadline * 10).max(SELF_TEST_MIN_DEADLINE))?;
         }
+        if info.stages.contains(&wit::Stage::Fallback) {
+            self_test_fallback(&mut live, (self.deadline * 10).max(SELF_TEST_MIN_DEADLINE))?;
+        }
         Ok(Loaded {
             name,
             version: info.version,
@@ -158,8 +161,41 @@ fn synthetic_topology() -> wit::Topology {
         regions: vec![wit::RegionInfo { name: "local".into(), latitude: 0.0, longitude: 0.0 }],
         local_region: 0,
         versions: vec!["v1".into()],
-        fallback_models: Vec::new(),
+        fallback_models: vec!["self-test-fallback".into()],
     }
+}
+
+/// Fallback decisions for each failure kind, at the start of the chain and past its end.
+fn self_test_fallback(live: &mut Live, deadline: Duration) -> Result<(), String> {
+    let ticks = PluginEngine::ticks(deadline);
+    let kinds = [
+        wit::FailureKind::Connect,
+        wit::FailureKind::Timeout,
+        wit::FailureKind::ServerError,
+        wit::FailureKind::CircuitOpen,
+        wit::FailureKind::Overload,
+    ];
+    for (k, kind) in kinds.into_iter().enumerate() {
+        for attempt in 0..2u32 {
+            let req = wit::Request {
+                tenant: k as u64,
+                client_region: u32::MAX,
+                prefix_hash: 0,
+                streaming: false,
+                attempt,
+                prompt_tokens: 16,
+            };
+            let failure = wit::Failure { kind, attempts: 1, elapsed_ms: 100 };
+            let d =
+                live.fallback(ticks, req, failure).map_err(|f| format!("self-test fallback decision failed: {f}"))?;
+            if let wit::FallbackDecision::FallbackModel(i) = d
+                && i >= 1
+            {
+                return Err(format!("self-test fallback chose model {i}, but the chain has 1"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A few decisions on a synthetic endpoint set, under the real per-call deadline.

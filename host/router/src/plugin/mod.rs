@@ -41,11 +41,17 @@ pub const STAGES: [&str; 4] = ["balance", "canary", "geo", "fallback"];
 pub struct PluginSet {
     /// Balance-stage binding by model index.
     balance: Vec<Option<Arc<Binding>>>,
+    /// Fallback-stage binding by model index.
+    fallback: Vec<Option<Arc<Binding>>>,
 }
 
 impl PluginSet {
     pub fn balancer(&self, model: usize) -> Option<&Arc<Binding>> {
         self.balance.get(model).and_then(|b| b.as_ref())
+    }
+
+    pub fn fallback(&self, model: usize) -> Option<&Arc<Binding>> {
+        self.fallback.get(model).and_then(|b| b.as_ref())
     }
 }
 
@@ -317,22 +323,22 @@ impl PluginHost {
     /// Builds the plugin set from the active versions and swaps it in.
     fn publish(&self) {
         let entries = self.entries.lock().unwrap();
-        let mut balance = Vec::with_capacity(self.models.len());
-        for m in &self.models {
-            let binding = m.stages[0].as_ref().and_then(|name| {
+        let bind = |m: &ModelBinding, index: usize, stage: wit::Stage| {
+            m.stages[index].as_ref().and_then(|name| {
                 let loaded = entries.get(name)?.active.as_ref()?;
-                if !loaded.stages.contains(&wit::Stage::Balance) {
-                    tracing::warn!(plugin = %name, model = %m.model, "plugin does not serve the balance stage");
+                if !loaded.stages.contains(&stage) {
+                    tracing::warn!(plugin = %name, model = %m.model, "plugin does not serve the {} stage", STAGES[index]);
                     return None;
                 }
                 Some(Arc::new(loaded.bind(self.next_uid.fetch_add(1, Relaxed), m.topology.clone(), self.cfg.deadline)))
-            });
-            balance.push(binding);
-        }
+            })
+        };
+        let balance = self.models.iter().map(|m| bind(m, 0, wit::Stage::Balance)).collect();
+        let fallback = self.models.iter().map(|m| bind(m, 3, wit::Stage::Fallback)).collect();
         for (name, e) in entries.iter() {
             self.metrics.active.with_label_values(&[name]).set(e.active.is_some() as i64);
         }
-        self.current.store(Arc::new(PluginSet { balance }));
+        self.current.store(Arc::new(PluginSet { balance, fallback }));
     }
 
     /// Takes a faulting version out and restores the one before it.
@@ -475,7 +481,7 @@ fn topology_of(m: &crate::config::ModelConfig) -> wit::Topology {
         regions: regions.into_iter().map(|name| wit::RegionInfo { name, latitude: 0.0, longitude: 0.0 }).collect(),
         local_region: 0,
         versions,
-        fallback_models: Vec::new(),
+        fallback_models: m.fallback.as_ref().map(|f| f.models.clone()).unwrap_or_default(),
     }
 }
 

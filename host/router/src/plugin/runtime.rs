@@ -156,6 +156,16 @@ impl Live {
         self.store.set_epoch_deadline(deadline_ticks);
         self.policy.switchyard_policy_plugin().call_balance(&mut self.store, req, packed).map_err(trap)
     }
+
+    pub fn fallback(
+        &mut self,
+        deadline_ticks: u64,
+        req: wit::Request,
+        failure: wit::Failure,
+    ) -> Result<wit::FallbackDecision, Fault> {
+        self.store.set_epoch_deadline(deadline_ticks);
+        self.policy.switchyard_policy_plugin().call_fallback(&mut self.store, req, failure).map_err(trap)
+    }
 }
 
 /// Words per endpoint in `balance`'s packed argument (layout in `sdk/wit/policy.wit`).
@@ -244,5 +254,26 @@ impl Binding {
             return Err(Fault::Invalid("chose no endpoint although some are available".into()));
         }
         Ok(ranked)
+    }
+
+    /// Asks the policy what to do after a model of the request's chain failed. `Err` means:
+    /// use the native order (next model, then rules).
+    pub fn fallback(
+        self: &Arc<Self>,
+        req: wit::Request,
+        failure: wit::Failure,
+    ) -> Result<wit::FallbackDecision, Fault> {
+        self.stats.calls.fetch_add(1, Relaxed);
+        let ticks = self.deadline_ticks;
+        let decision = self.with_live(|live| live.fallback(ticks, req, failure))?;
+        if let wit::FallbackDecision::FallbackModel(i) = decision
+            && i as usize >= self.topology.fallback_models.len()
+        {
+            return Err(Fault::Invalid(format!(
+                "fallback model {i} out of range (the chain has {})",
+                self.topology.fallback_models.len()
+            )));
+        }
+        Ok(decision)
     }
 }
