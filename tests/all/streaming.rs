@@ -46,3 +46,84 @@ async fn stream_that_fails_before_its_first_chunk_is_retried_elsewhere() {
     }
     assert!(bad.hits() >= 1);
 }
+
+/// Reads a streaming response until `want` content events arrived, calls `cut`, then reads
+/// to the end. Returns every SSE data payload and how the body ended.
+async fn read_stream_cutting(
+    url: &str,
+    body: String,
+    want: usize,
+    cut: impl FnOnce(&http::HeaderMap),
+) -> (Vec<String>, Result<(), String>) {
+    use http_body_util::BodyExt;
+    let res = client().request(post_req(url, body)).await.expect("stream request");
+    assert_eq!(res.status(), 200);
+    let headers = res.headers().clone();
+    let mut body = res.into_body();
+    let mut text = String::new();
+    let mut cut = Some(cut);
+    let end = loop {
+        match body.frame().await {
+            None => break Ok(()),
+            Some(Err(e)) => break Err(format!("{e:?}")),
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    text.push_str(&String::from_utf8_lossy(&d));
+                }
+            }
+        }
+        if text.matches("\"content\"").count() >= want
+            && let Some(c) = cut.take()
+        {
+            c(&headers);
+        }
+    };
+    let events = text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_string).collect();
+    (events, end)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_upstream_dies_midway_is_continued_by_another() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    for u in [&a, &b] {
+        u.script(|s| {
+            s.chunks = 12;
+            s.chunk_gap = Duration::from_millis(40);
+        });
+    }
+    let router = Router::start(&config(&model("m", &[&a, &b], ""))).await;
+    let body = r#"{"model":"m","stream":true,"max_tokens":12,"messages":[{"role":"user","content":"count"}]}"#;
+    let ups = [&a, &b];
+    let mut victim = None;
+    let (events, end) = read_stream_cutting(&router.url("/v1/chat/completions"), body.to_string(), 4, |h| {
+        let name = h["x-switchyard-endpoint"].to_str().unwrap().to_string();
+        let up = ups.iter().find(|u| u.name() == name).unwrap();
+        up.kill();
+        victim = Some(name);
+    })
+    .await;
+    end.expect("the client sees one stream, without an error");
+    let victim = victim.expect("cut");
+    let survivor = ups.iter().find(|u| u.name() != victim).unwrap();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
+    let chunks: Vec<serde_json::Value> = events.iter().filter(|e| *e != "[DONE]").map(|e| json(e.as_bytes())).collect();
+    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let served: Vec<&str> = chunks.iter().map(|c| c["served_by"].as_str().unwrap()).collect();
+    // The first part came from the victim, the rest from the survivor, in one stream.
+    let switch = served.iter().position(|s| *s != victim).expect("the survivor continued the stream");
+    assert!(switch >= 4, "{served:?}");
+    assert!(served[switch..].iter().all(|s| *s == survivor.name()), "{served:?}");
+    // The survivor was asked to continue from exactly what the client had.
+    let delivered: String =
+        chunks[..switch].iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let asked = json(&survivor.last_body().unwrap());
+    let msgs = asked["messages"].as_array().unwrap();
+    assert_eq!(msgs.last().unwrap()["role"], "assistant");
+    assert_eq!(msgs.last().unwrap()["content"], delivered.as_str());
+    assert_eq!(asked["continue_final_message"], true);
+    assert_eq!(asked["max_tokens"], 12 - switch as u64);
+    assert!(content.starts_with(&delivered));
+    assert_eq!(router.metric("switchyard_stream_resumes_total", &[("model", "m")]).await, Some(1.0));
+}

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::outcome::RequestRecord;
+use crate::resume::{ResumeContext, Resumed, Splice, SseLog, continuation, resume};
 use crate::upstream::{Attempt, Outcome};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -31,7 +32,6 @@ pub fn boxed_full(bytes: impl Into<Bytes>) -> ResBody {
 pin_project_lite::pin_project! {
     pub struct RelayBody {
         first: Option<Frame<Bytes>>,
-        #[pin]
         inner: Incoming,
         #[pin]
         idle: Sleep,
@@ -40,6 +40,8 @@ pin_project_lite::pin_project! {
         record: Option<RequestRecord>,
         ttfb: Duration,
         outcome: Outcome,
+        // Mid-stream failover, when enabled for the model.
+        resume: Option<Box<Resumable>>,
     }
 
     impl PinnedDrop for RelayBody {
@@ -54,7 +56,68 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// A stream that may continue on another endpoint (see `resume.rs`).
+pub struct Resumable {
+    ctx: ResumeContext,
+    log: SseLog,
+    first_byte: Duration,
+    /// The continuation being set up.
+    pending: Option<Resumed>,
+    /// Set once the stream runs on a continuation.
+    splice: Option<Splice>,
+}
+
+impl Resumable {
+    pub fn new(ctx: ResumeContext, first_byte: Duration) -> Box<Resumable> {
+        Box::new(Resumable { ctx, log: SseLog::default(), first_byte, pending: None, splice: None })
+    }
+
+    /// Passes a frame's data through the event log (and the splice, after a failover).
+    fn accept(&mut self, data: Bytes) -> Bytes {
+        let data = match &self.splice {
+            // The continuation's events are rewritten whole, so they are cut at event ends first.
+            Some(s) => {
+                let mut cut = SseLog { partial: std::mem::take(&mut self.log.partial), ..SseLog::default() };
+                let whole = cut.accept(data);
+                self.log.partial = cut.partial;
+                if whole.is_empty() {
+                    return whole;
+                }
+                s.rewrite(whole)
+            }
+            None => data,
+        };
+        if self.splice.is_some() {
+            // Already cut at event ends; just follow it.
+            self.log.observe(&data);
+            return data;
+        }
+        self.log.accept(data)
+    }
+
+    /// After an upstream failure: starts a continuation if the stream can go on.
+    /// `Err(Some(bytes))`: nothing to continue, only the end of the stream was missing.
+    fn start(&mut self, model: &ModelMetricsHandle) -> Result<(), Option<Bytes>> {
+        if self.ctx.left == 0 || self.log.done {
+            return Err(None);
+        }
+        match continuation(&self.ctx.body, self.ctx.chat, &self.log) {
+            None => Err(None),
+            Some(None) => Err(Some(Bytes::from_static(b"data: [DONE]\n\n"))),
+            Some(Some(body)) => {
+                model.resumes.inc();
+                self.ctx.left -= 1;
+                self.pending = Some(resume(&mut self.ctx, body, self.first_byte));
+                Ok(())
+            }
+        }
+    }
+}
+
+type ModelMetricsHandle = crate::outcome::ModelMetrics;
+
 impl RelayBody {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         first: Frame<Bytes>,
         inner: Incoming,
@@ -63,9 +126,10 @@ impl RelayBody {
         record: RequestRecord,
         ttfb: Duration,
         outcome: Outcome,
+        resume: Option<Box<Resumable>>,
     ) -> RelayBody {
-        RelayBody {
-            first: Some(first),
+        let mut body = RelayBody {
+            first: None,
             inner,
             idle: tokio::time::sleep(idle_timeout),
             idle_timeout,
@@ -73,7 +137,14 @@ impl RelayBody {
             record: Some(record),
             ttfb,
             outcome,
-        }
+            resume,
+        };
+        body.first = Some(match (&mut body.resume, first.into_data()) {
+            (Some(r), Ok(data)) => Frame::data(r.accept(data)),
+            (None, Ok(data)) => Frame::data(data),
+            (_, Err(frame)) => frame,
+        });
+        body
     }
 }
 
@@ -94,42 +165,101 @@ impl Body for RelayBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        if let Some(frame) = this.first.take() {
+        if let Some(frame) = this.first.take()
+            && frame.data_ref().is_none_or(|d| !d.is_empty())
+        {
             return Poll::Ready(Some(Ok(frame)));
         }
-        match this.inner.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let deadline = tokio::time::Instant::now() + *this.idle_timeout;
-                this.idle.as_mut().reset(deadline);
-                Poll::Ready(Some(Ok(frame)))
+        loop {
+            // A continuation being set up on another endpoint.
+            if let Some(r) = this.resume.as_mut()
+                && let Some(fut) = r.pending.as_mut()
+            {
+                let resumed = ready!(fut.as_mut().poll(cx));
+                r.pending = None;
+                let Some((inner, attempt)) = resumed else {
+                    return Poll::Ready(Some(Err(
+                        "the stream's upstream failed and no endpoint could continue it".into()
+                    )));
+                };
+                tracing::debug!(endpoint = %attempt.endpoint().name, delivered = r.log.content_events, "stream resumed");
+                *this.inner = inner;
+                *this.attempt = Some(attempt);
+                r.splice = Some(Splice { id: r.log.id.clone() });
+                this.idle.as_mut().reset(tokio::time::Instant::now() + *this.idle_timeout);
             }
-            Poll::Ready(None) => {
-                if let Some(a) = this.attempt.take() {
-                    a.finish(*this.outcome, Some(*this.ttfb));
+            let failure: BoxError = match Pin::new(&mut *this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = tokio::time::Instant::now() + *this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    let Some(r) = this.resume.as_mut() else { return Poll::Ready(Some(Ok(frame))) };
+                    match frame.into_data() {
+                        Ok(data) => {
+                            let out = r.accept(data);
+                            if out.is_empty() {
+                                continue;
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    }
                 }
-                if let Some(r) = this.record.take() {
-                    r.finish(Some(Instant::now()));
+                Poll::Ready(None) => {
+                    if let Some(a) = this.attempt.take() {
+                        a.finish(*this.outcome, Some(*this.ttfb));
+                    }
+                    if let Some(r) = this.record.take() {
+                        r.finish(Some(Instant::now()));
+                    }
+                    if let Some(r) = this.resume.as_mut() {
+                        let rest = r.log.flush();
+                        if !rest.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(rest))));
+                        }
+                    }
+                    return Poll::Ready(None);
                 }
-                Poll::Ready(None)
+                Poll::Ready(Some(Err(e))) => e.into(),
+                Poll::Pending => {
+                    ready!(this.idle.as_mut().poll(cx));
+                    Box::new(StreamIdle(*this.idle_timeout))
+                }
+            };
+            if let Some(a) = this.attempt.take() {
+                let name = a.endpoint().index as u32;
+                a.finish(Outcome::ServerFailure, None);
+                if let Some(r) = this.resume.as_mut() {
+                    r.ctx.tried.push(name);
+                }
             }
-            Poll::Ready(Some(Err(e))) => {
-                if let Some(a) = this.attempt.take() {
-                    a.finish(Outcome::ServerFailure, None);
+            let Some(r) = this.resume.as_mut() else { return Poll::Ready(Some(Err(failure))) };
+            if r.log.done {
+                // The upstream failed after its `[DONE]`: the client has the whole stream.
+                if let Some(rec) = this.record.take() {
+                    rec.finish(Some(Instant::now()));
                 }
-                Poll::Ready(Some(Err(e.into())))
+                return Poll::Ready(None);
             }
-            Poll::Pending => {
-                ready!(this.idle.as_mut().poll(cx));
-                if let Some(a) = this.attempt.take() {
-                    a.finish(Outcome::ServerFailure, None);
+            let metrics = this.record.as_ref().map(|rec| rec.metrics().clone());
+            match metrics.as_deref().map(|m| r.start(m)) {
+                Some(Ok(())) => continue,
+                Some(Err(Some(end))) => {
+                    // Everything was delivered but the end: finish the stream ourselves.
+                    r.log.done = true;
+                    if let Some(rec) = this.record.take() {
+                        rec.finish(Some(Instant::now()));
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(end))));
                 }
-                Poll::Ready(Some(Err(Box::new(StreamIdle(*this.idle_timeout)))))
+                _ => return Poll::Ready(Some(Err(failure))),
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.inner.is_end_stream()
+        self.first.is_none()
+            && self.resume.as_ref().is_none_or(|r| r.pending.is_none() && r.log.partial.is_empty())
+            && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

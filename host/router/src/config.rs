@@ -411,11 +411,15 @@ pub struct RetryConfig {
     pub budget_ratio: f64,
     /// Retries always allowed per second, so a quiet model can still fail over.
     pub min_retries_per_sec: u32,
+    /// Continue a stream whose upstream fails after tokens were sent on another endpoint
+    /// (the partial answer is sent along as a continuation prefix); at most
+    /// `max_attempts - 1` times per stream.
+    pub resume_streams: bool,
 }
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        RetryConfig { max_attempts: 3, budget_ratio: 0.2, min_retries_per_sec: 10 }
+        RetryConfig { max_attempts: 3, budget_ratio: 0.2, min_retries_per_sec: 10, resume_streams: true }
     }
 }
 

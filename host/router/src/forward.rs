@@ -15,9 +15,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::{RelayBody, ResBody, boxed_full};
+use crate::body::{RelayBody, ResBody, Resumable, boxed_full};
 use crate::error::ApiError;
 use crate::outcome::RequestRecord;
+use crate::resume::ResumeContext;
 use crate::router::Model;
 use crate::select::{PowerOfTwoChoices, RequestFacts, Selector, sanitize};
 use crate::upstream::{Attempt, Endpoint, EndpointSnapshot, Outcome, now_ms};
@@ -103,6 +104,16 @@ pub async fn forward(
     pool.budget.deposit(now);
 
     let headers = upstream_headers(&out);
+    let mut resume_ctx =
+        (facts.stream && model.retry.resume_streams && model.retry.max_attempts > 1).then(|| ResumeContext {
+            model: model.clone(),
+            path_and_query: out.parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string(),
+            headers: headers.clone(),
+            body: out.body.clone(),
+            chat: out.parts.uri.path().ends_with("/chat/completions"),
+            tried: Vec::new(),
+            left: model.retry.max_attempts - 1,
+        });
     let mut attempts = 0u32;
     let mut last: Option<Failure> = None;
     let mut record = record;
@@ -130,7 +141,7 @@ pub async fn forward(
         let req = upstream_request(endpoint, &out, &headers);
         let result = if facts.stream {
             let limit = left.map_or(model.timeouts.first_byte, |l| l.min(model.timeouts.first_byte));
-            try_stream(model, req, attempt, record, attempts, limit).await
+            try_stream(model, req, attempt, record, attempts, limit, &mut resume_ctx).await
         } else {
             let limit = left.map_or(model.timeouts.request, |l| l.min(model.timeouts.request));
             try_whole(model, req, attempt, record, attempts, max_response_bytes, limit).await
@@ -294,6 +305,7 @@ async fn try_stream(
     mut record: RequestRecord,
     attempts: u32,
     first_byte: Duration,
+    resume_ctx: &mut Option<ResumeContext>,
 ) -> Result<Response<ResBody>, (Failure, RequestRecord)> {
     let started = Instant::now();
     let head = async {
@@ -338,7 +350,11 @@ async fn try_stream(
     };
     record.answered(Some(attempt.endpoint().name_arc.clone()), parts.status.as_u16(), Instant::now());
     parts.headers.remove(header::CONTENT_LENGTH);
-    let body = RelayBody::new(first, body, model.timeouts.idle, attempt, record, ttfb, outcome);
+    let resume = resume_ctx.take().filter(|_| parts.status.is_success()).map(|mut ctx| {
+        ctx.tried.push(attempt.endpoint().index as u32);
+        Resumable::new(ctx, model.timeouts.first_byte)
+    });
+    let body = RelayBody::new(first, body, model.timeouts.idle, attempt, record, ttfb, outcome, resume);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 

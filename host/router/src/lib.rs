@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod plugin;
 pub mod ratelimit;
+pub mod resume;
 pub mod router;
 pub mod select;
 pub mod supervisor;

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub circuit_opened: IntCounterVec,
     pub health_checks: IntCounterVec,
     pub degraded: IntCounterVec,
+    pub stream_resumes: IntCounterVec,
 }
 
 /// Latency buckets from 0.5 ms to 2 minutes: LLM calls span local fast paths to long generations.
@@ -106,6 +107,11 @@ impl Metrics {
                 "switchyard_degraded_total",
                 "Requests answered in degraded mode, by requested model and how (fallback-model, rule-based)",
                 &["model", "mode"],
+            ),
+            stream_resumes: counter(
+                "switchyard_stream_resumes_total",
+                "Streams continued on another endpoint after their upstream failed mid-stream",
+                &["model"],
             ),
             registry,
         }

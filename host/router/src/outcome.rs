@@ -19,6 +19,8 @@ pub struct ModelMetrics {
     pub ttfb: Histogram,
     pub retries: IntCounter,
     pub budget_exhausted: IntCounter,
+    /// Streams continued on another endpoint after their upstream failed mid-stream.
+    pub resumes: IntCounter,
 }
 
 impl ModelMetrics {
@@ -31,6 +33,7 @@ impl ModelMetrics {
             ttfb: m.ttfb.with_label_values(&[model]),
             retries: m.retries.with_label_values(&[model]),
             budget_exhausted: m.retry_budget_exhausted.with_label_values(&[model]),
+            resumes: m.stream_resumes.with_label_values(&[model]),
         }
     }
 }
@@ -74,6 +77,10 @@ impl RequestRecord {
         self._slot = slot;
         self.charge = charge;
         self
+    }
+
+    pub fn metrics(&self) -> &Arc<ModelMetrics> {
+        &self.metrics
     }
 
     /// Whether the tenant's tokens are being counted (then the answer's usage is worth reading).
