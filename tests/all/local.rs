@@ -115,3 +115,77 @@ restart_backoff = "200ms"
         router.metric("switchyard_local_restarts_total", &[("replica", "0"), ("shard", "1")]).await.unwrap() >= 1.0
     );
 }
+
+/// A stream from the real model survives its replica being killed mid-stream: the router
+/// continues it on the other replica from the text already delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_survives_its_replica_being_killed() {
+    use http_body_util::BodyExt;
+    let model = model_file();
+    let base = free_port_range(2);
+    let cfg = config(&format!(
+        r#"[[models]]
+name = "smollm2"
+health_check = {{ interval = "200ms", max_latency = "1s", unhealthy_after = 1, healthy_after = 1 }}
+timeouts = {{ first_byte = "60s", idle = "30s" }}
+[models.local]
+replicas = 2
+shards = 1
+model = "{}"
+binary = "{}"
+base_port = {base}
+threads = 1
+restart_backoff = "200ms"
+"#,
+        model.display(),
+        shard_bin().display()
+    ));
+    let router = Router::start(&cfg).await;
+    for r in 0..2 {
+        let name = format!("smollm2-local-{r}");
+        router
+            .wait_metric("switchyard_endpoint_healthy", &[("endpoint", name.as_str())], Duration::from_secs(300), |v| {
+                v == 1.0
+            })
+            .await;
+    }
+    let body = r#"{"model":"smollm2","stream":true,"max_tokens":40,"temperature":0,
+                   "messages":[{"role":"user","content":"Write a short poem about the sea."}]}"#;
+    let res = client().request(post_req(&router.url("/v1/chat/completions"), body)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let served_by = res.headers()["x-switchyard-endpoint"].to_str().unwrap().to_string();
+    let replica: u64 = served_by.rsplit('-').next().unwrap().parse().unwrap();
+    let mut body = res.into_body();
+    let mut text = String::new();
+    let mut killed_after = None;
+    let end = loop {
+        match body.frame().await {
+            None => break Ok(()),
+            Some(Err(e)) => break Err(format!("{e:?}")),
+            Some(Ok(f)) => text.push_str(&String::from_utf8_lossy(&f.into_data().unwrap_or_default())),
+        }
+        let content_events = text.matches("\"content\":\"").count();
+        if killed_after.is_none() && content_events >= 6 {
+            let procs = replicas(&router).await;
+            let pid = procs.iter().find(|p| p["replica"] == replica).unwrap()["pid"].as_u64().unwrap();
+            assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+            killed_after = Some(content_events);
+        }
+    };
+    end.expect("the client sees no error");
+    let killed_after = killed_after.expect("the stream was long enough to be cut");
+    let events: Vec<&str> = text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "one well-formed stream ending in [DONE]: {text}");
+    assert_eq!(events.iter().filter(|e| **e == "[DONE]").count(), 1);
+    let chunks: Vec<serde_json::Value> =
+        events.iter().filter(|e| **e != "[DONE]").map(|e| json(e.as_bytes())).collect();
+    let ids: std::collections::HashSet<&str> = chunks.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 1, "one stream id throughout: {ids:?}");
+    let roles = chunks.iter().filter(|c| c["choices"][0]["delta"]["role"].is_string()).count();
+    assert!(roles <= 1, "one role header at most");
+    let content: Vec<&str> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let produced = content.iter().filter(|c| !c.is_empty()).count();
+    assert!(produced > killed_after, "the other replica went on: {produced} content events, cut after {killed_after}");
+    assert_eq!(router.metric("switchyard_stream_resumes_total", &[("model", "smollm2")]).await, Some(1.0));
+    eprintln!("resumed stream: {:?}", content.concat());
+}
