@@ -85,9 +85,11 @@ struct ServeArgs {
     /// Do not insert SmolLM2's default system prompt into chats without a system message.
     #[arg(long)]
     no_default_system_prompt: bool,
-    /// Projection weights as stored (`native`, bit-exact with candle-transformers) or
-    /// re-quantized from Q4_1 to Q8_0 (`q8_0`: SIMD kernels, several times faster on CPU).
-    #[arg(long, default_value = "native")]
+    /// Weight format: `fused` (the blocks as stored, switchyard's batched kernel with f32
+    /// activations; fastest), `native` (candle's quantized kernels, bit-exact with
+    /// candle-transformers), `q8_0` (Q4_1 re-quantized to Q8_0), `f32` / `f16` (dequantized
+    /// at load, candle's dense matmul). See host/shard/README.md.
+    #[arg(long, default_value = "fused")]
     weights: String,
     /// CPU threads for candle in this process (and, with --spawn-shards, in each stage).
     /// Default: candle's choice for one process; cores / N with --spawn-shards N.
@@ -113,8 +115,8 @@ struct StageArgs {
     index: usize,
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight format: native or q8_0 (see `serve --help`).
-    #[arg(long, default_value = "native")]
+    /// Weight format: fused, native, q8_0, f32 or f16 (see `serve --help`); the head's.
+    #[arg(long, default_value = "fused")]
     weights: String,
     /// CPU threads for candle in this process (default: candle's choice).
     #[arg(long)]
@@ -124,11 +126,16 @@ struct StageArgs {
     exit_with_stdin: bool,
 }
 
-/// candle reads its thread count from the environment when its pool first starts.
+/// candle reads its thread counts from the environment when its pools first start: the
+/// quantized kernels' barrier pool `CANDLE_NUM_THREADS`, the f32/f16 matmul (gemm on rayon's
+/// global pool) `RAYON_NUM_THREADS` only, so both are set.
 fn set_threads(n: Option<usize>) {
     if let Some(n) = n.filter(|&n| n > 0) {
         // SAFETY: called at the start of main, before any other thread exists.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
+        unsafe {
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
     }
 }
 
