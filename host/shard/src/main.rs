@@ -92,7 +92,7 @@ struct ServeArgs {
     #[arg(long, default_value = "fused")]
     weights: String,
     /// CPU threads for candle in this process (and, with --spawn-shards, in each stage).
-    /// Default: candle's choice for one process; cores / N with --spawn-shards N.
+    /// Default: all cores for one process; cores / N with --spawn-shards N.
     #[arg(long)]
     threads: Option<usize>,
     /// First delay before a spawned stage is restarted (doubles up to 10 s).
@@ -118,12 +118,16 @@ struct StageArgs {
     /// Weight format: fused, native, q8_0, f32 or f16 (see `serve --help`); the head's.
     #[arg(long, default_value = "fused")]
     weights: String,
-    /// CPU threads for candle in this process (default: candle's choice).
+    /// CPU threads for candle in this process (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
     /// Exit when stdin reaches end of file (used when the head spawns the stage).
     #[arg(long)]
     exit_with_stdin: bool,
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1)
 }
 
 /// candle reads its thread counts from the environment when its pools first start: the
@@ -161,7 +165,7 @@ fn run_stage(a: StageArgs) -> Result<()> {
             std::process::exit(0);
         });
     }
-    set_threads(a.threads);
+    set_threads(Some(a.threads.unwrap_or_else(cores)));
     let layers = parse_range(&a.layers)?;
     let device = device_for(&a.device, a.index)?;
     let weights: model::WeightFormat = a.weights.parse()?;
@@ -200,11 +204,10 @@ fn run_head(a: ServeArgs) -> Result<()> {
     let weights: model::WeightFormat = a.weights.parse()?;
     // Several busy processes on the same cores: split the cores instead of letting every
     // process spin up a full pool (candle's pool spins at its barriers).
-    let threads = a.threads.or_else(|| {
-        let n = a.spawn_shards.filter(|&n| n > 1)?;
-        let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
-        Some((cores / n).max(1))
-    });
+    let threads = Some(a.threads.unwrap_or_else(|| match a.spawn_shards {
+        Some(n) if n > 1 => (cores() / n).max(1),
+        _ => cores(),
+    }));
     set_threads(threads);
     let (ct, _) = read_gguf(&a.model)?;
     let cfg = model::ModelConfig::from_gguf(&ct)?;
