@@ -35,6 +35,8 @@ pub struct SamplingParams {
     pub temperature: f32,
     pub top_p: f32,
     pub seed: Option<u64>,
+    /// Do not finish on a stop token (vLLM's `ignore_eos`): generate exactly `max_tokens`.
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -530,7 +532,7 @@ impl Core {
             if s.generated == 1 {
                 metrics.ttft.observe(s.arrived.elapsed().as_secs_f64());
             }
-            let finish = if stop_ids.contains(&t) {
+            let finish = if !s.params.ignore_eos && stop_ids.contains(&t) {
                 Some(Finish::Stop)
             } else {
                 if s.events.send(Event::Token(t)).is_err() {

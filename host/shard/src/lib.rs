@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod fetch;
+pub mod kernel;
 pub mod metrics;
 pub mod model;
 pub mod server;

@@ -85,12 +85,14 @@ struct ServeArgs {
     /// Do not insert SmolLM2's default system prompt into chats without a system message.
     #[arg(long)]
     no_default_system_prompt: bool,
-    /// Projection weights as stored (`native`, bit-exact with candle-transformers) or
-    /// re-quantized from Q4_1 to Q8_0 (`q8_0`: SIMD kernels, several times faster on CPU).
-    #[arg(long, default_value = "native")]
+    /// Weight format: `fused` (the blocks as stored, switchyard's batched kernel with f32
+    /// activations; fastest), `native` (candle's quantized kernels, bit-exact with
+    /// candle-transformers), `q8_0` (Q4_1 re-quantized to Q8_0), `f32` / `f16` (dequantized
+    /// at load, candle's dense matmul). See host/shard/README.md.
+    #[arg(long, default_value = "fused")]
     weights: String,
     /// CPU threads for candle in this process (and, with --spawn-shards, in each stage).
-    /// Default: candle's choice for one process; cores / N with --spawn-shards N.
+    /// Default: all cores; with --spawn-shards N and the fused format, cores / N.
     #[arg(long)]
     threads: Option<usize>,
     /// First delay before a spawned stage is restarted (doubles up to 10 s).
@@ -113,10 +115,10 @@ struct StageArgs {
     index: usize,
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight format: native or q8_0 (see `serve --help`).
-    #[arg(long, default_value = "native")]
+    /// Weight format: fused, native, q8_0, f32 or f16 (see `serve --help`); the head's.
+    #[arg(long, default_value = "fused")]
     weights: String,
-    /// CPU threads for candle in this process (default: candle's choice).
+    /// CPU threads for candle in this process (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
     /// Exit when stdin reaches end of file (used when the head spawns the stage).
@@ -124,11 +126,20 @@ struct StageArgs {
     exit_with_stdin: bool,
 }
 
-/// candle reads its thread count from the environment when its pool first starts.
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1)
+}
+
+/// candle reads its thread counts from the environment when its pools first start: the
+/// quantized kernels' barrier pool `CANDLE_NUM_THREADS`, the f32/f16 matmul (gemm on rayon's
+/// global pool) `RAYON_NUM_THREADS` only, so both are set.
 fn set_threads(n: Option<usize>) {
     if let Some(n) = n.filter(|&n| n > 0) {
         // SAFETY: called at the start of main, before any other thread exists.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
+        unsafe {
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
     }
 }
 
@@ -154,7 +165,7 @@ fn run_stage(a: StageArgs) -> Result<()> {
             std::process::exit(0);
         });
     }
-    set_threads(a.threads);
+    set_threads(Some(a.threads.unwrap_or_else(cores)));
     let layers = parse_range(&a.layers)?;
     let device = device_for(&a.device, a.index)?;
     let weights: model::WeightFormat = a.weights.parse()?;
@@ -191,13 +202,22 @@ fn run_stage(a: StageArgs) -> Result<()> {
 
 fn run_head(a: ServeArgs) -> Result<()> {
     let weights: model::WeightFormat = a.weights.parse()?;
-    // Several busy processes on the same cores: split the cores instead of letting every
-    // process spin up a full pool (candle's pool spins at its barriers).
-    let threads = a.threads.or_else(|| {
-        let n = a.spawn_shards.filter(|&n| n > 1)?;
-        let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
-        Some((cores / n).max(1))
-    });
+    // Several processes on the same cores (--spawn-shards N). The head drives the stages one
+    // after the other, so only one of them computes at any time: candle's kernels (compute
+    // bound) get every core in every stage, and the pools of the idle processes must stop
+    // spinning soon (candle's barrier pool spins 25,000 times before it parks, long enough
+    // to take a core from the busy stage at every hand-over). The fused kernel is memory
+    // bound at decode: a second thread gains little there and cross-process wake-ups cost
+    // more, so it gets cores / N.
+    let shards = a.spawn_shards.filter(|&n| n > 1);
+    let threads = Some(a.threads.unwrap_or_else(|| match shards {
+        Some(n) if weights == model::WeightFormat::Fused => (cores() / n).max(1),
+        _ => cores(),
+    }));
+    if shards.is_some() && std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // SAFETY: still single-threaded; the spawned stages inherit it.
+        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000") };
+    }
     set_threads(threads);
     let (ct, _) = read_gguf(&a.model)?;
     let cfg = model::ModelConfig::from_gguf(&ct)?;

@@ -4,18 +4,27 @@
 //! norm + output head (the tail; the output matrix falls back to `token_embd` when the file
 //! ties them, as SmolLM2 does). One replica is a chain of stages covering `[0, n_layers)`.
 //!
-//! The ops are the ones of `candle_transformers::models::quantized_llama` (same kernels, same
-//! order), so a pipeline of stages reproduces the single-process logits exactly. Every op
-//! that mixes rows (attention) runs per sequence against that sequence's own KV cache, every
-//! row-wise op (norms, the quantized projections, the MLP) runs once over the rows of all
-//! sequences of a step stacked together; candle's CPU quantized matmul computes each row
-//! with the same kernel whatever the row count, so batching does not change the numbers.
+//! With the `native` weight format the ops are the ones of
+//! `candle_transformers::models::quantized_llama` (same kernels, same order), so a pipeline of
+//! stages reproduces the single-process logits exactly. Every op that mixes rows (attention)
+//! runs per sequence against that sequence's own KV cache, every row-wise op (norms, the
+//! projections, the MLP) runs once over the rows of all sequences of a step stacked together
+//! (one matmul per projection per step); candle's CPU quantized matmul computes each row with
+//! the same kernel whatever the row count, so batching does not change the numbers.
+//!
+//! The other [`WeightFormat`]s change only how the projections are stored and multiplied;
+//! `fused` also replaces the attention's candle ops by [`Stage::attention_flat`]. `fused` is
+//! batch-invariant too (see [`crate::kernel`]), and stages split anywhere give the same
+//! numbers as one process for every format.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
+
+use crate::kernel::BlockMatrix;
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -65,22 +74,47 @@ impl ModelConfig {
     }
 }
 
+/// A projection: candle's `QMatMul` (quantized kernels or dense f32/f16 gemm) or the
+/// `fused` block kernel.
+enum Proj {
+    Candle(QMatMul),
+    Fused(Arc<BlockMatrix>),
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Proj::Candle(q) => q.forward(x)?,
+            Proj::Fused(b) => x.contiguous()?.apply_op1_no_bwd(b.as_ref())?,
+        })
+    }
+}
+
+/// The token embedding table: dequantized to f32 at load, or (`fused`) kept in its blocks
+/// and dequantized row by row; shared with a tied output head.
+enum Embedding {
+    Dense(Tensor),
+    Blocks(Arc<BlockMatrix>),
+}
+
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Proj,
+    wk: Proj,
+    wv: Proj,
+    wo: Proj,
     attn_norm: Tensor,
     ffn_norm: Tensor,
-    w1: QMatMul,
-    w2: QMatMul,
-    w3: QMatMul,
+    w1: Proj,
+    w2: Proj,
+    w3: Proj,
 }
 
 /// Per-sequence KV cache for the layers a stage owns.
 #[derive(Default)]
 pub struct SeqCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
+    /// `fused`: keys and values per layer, `[position][kv head][head_dim]`, appended in place.
+    flat: Vec<(Vec<f32>, Vec<f32>)>,
     /// Number of positions cached.
     pub len: usize,
 }
@@ -96,11 +130,14 @@ pub struct Stage {
     pub cfg: ModelConfig,
     pub layers: Range<usize>,
     pub device: Device,
-    embed: Option<Tensor>,
+    embed: Option<Embedding>,
     blocks: Vec<Layer>,
-    tail: Option<(Tensor, QMatMul)>,
+    tail: Option<(Tensor, Proj)>,
     cos: Tensor,
     sin: Tensor,
+    /// `fused`: the RoPE tables as plain vectors (`[position][head_dim / 2]`), and attention
+    /// by [`Stage::attention_flat`] instead of candle ops.
+    flat_rope: Option<(Vec<f32>, Vec<f32>)>,
     neg_inf: Tensor,
     /// Largest context any sequence may reach (bounded by the RoPE tables).
     pub max_positions: usize,
@@ -116,6 +153,38 @@ pub enum WeightFormat {
     /// only a scalar one for Q4_1, so this is several times faster on CPU; logits change by
     /// a re-quantization error (Q8_0 of Q4_1 values is nearly lossless), not bit-exact.
     Q8_0,
+    /// Every projection and the output head dequantized to f32 at load (4 bytes a weight):
+    /// decode steps run on candle's gemm-backed matmul, one matmul over all the rows of a step.
+    /// Exact dequantized values and f32 activations (the quantized kernels round activations
+    /// to 8 bits).
+    F32,
+    /// Like `F32` but kept as f16 (half the memory); activations are rounded to f16 for
+    /// every matmul.
+    F16,
+    /// The blocks as stored (Q4_1, and Q8_0 for the output head), multiplied by switchyard's
+    /// own kernel ([`crate::kernel`]): dequantized in registers, f32 activations, one pass over
+    /// the weights for all the rows of a step, batch-invariant; attention by plain loops over
+    /// flat KV caches ([`crate::kernel::attend`]). Other block types (and non-CPU devices)
+    /// fall back to `native`'s kernels. The default of `serve` and `stage`.
+    Fused,
+}
+
+impl WeightFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Q8_0 => "q8_0",
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Fused => "fused",
+        }
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::str::FromStr for WeightFormat {
@@ -124,17 +193,31 @@ impl std::str::FromStr for WeightFormat {
         match s {
             "native" => Ok(Self::Native),
             "q8_0" | "q8-0" => Ok(Self::Q8_0),
-            _ => bail!("unknown weight format {s:?} (native, q8_0)"),
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "fused" => Ok(Self::Fused),
+            _ => bail!("unknown weight format {s:?} (fused, native, q8_0, f32, f16)"),
         }
     }
 }
 
-fn convert(qt: QTensor, fmt: WeightFormat, device: &Device) -> Result<QTensor> {
-    if fmt == WeightFormat::Q8_0 && qt.dtype() == GgmlDType::Q4_1 {
-        let t = qt.dequantize(device)?;
-        return Ok(QTensor::quantize(&t, GgmlDType::Q8_0)?);
+/// A projection in format `fmt`.
+fn projection(qt: QTensor, fmt: WeightFormat, device: &Device) -> Result<Proj> {
+    if fmt == WeightFormat::Fused
+        && let Some(b) = BlockMatrix::from_qtensor(&qt)?
+    {
+        return Ok(Proj::Fused(Arc::new(b)));
     }
-    Ok(qt)
+    Ok(Proj::Candle(match fmt {
+        WeightFormat::Native | WeightFormat::Fused => QMatMul::from_qtensor(qt)?,
+        WeightFormat::Q8_0 if qt.dtype() == GgmlDType::Q4_1 => {
+            let t = qt.dequantize(device)?;
+            QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q8_0)?)?
+        }
+        WeightFormat::Q8_0 => QMatMul::from_qtensor(qt)?,
+        WeightFormat::F32 => QMatMul::Tensor(qt.dequantize(device)?),
+        WeightFormat::F16 => QMatMul::TensorF16(qt.dequantize_f16(device)?),
+    }))
 }
 
 pub fn read_gguf(path: &std::path::Path) -> Result<(gguf_file::Content, std::fs::File)> {
@@ -169,12 +252,21 @@ impl Stage {
         let t = |file: &mut std::fs::File, name: &str| {
             ct.tensor(file, name, device).with_context(|| format!("loading tensor {name}"))
         };
-        let embed = if layers.start == 0 { Some(t(&mut file, "token_embd.weight")?.dequantize(device)?) } else { None };
+        let embed = if layers.start == 0 {
+            let e = t(&mut file, "token_embd.weight")?;
+            let blocks = if fmt == WeightFormat::Fused { BlockMatrix::from_qtensor(&e)? } else { None };
+            Some(match blocks {
+                Some(b) => Embedding::Blocks(Arc::new(b)),
+                None => Embedding::Dense(e.dequantize(device)?),
+            })
+        } else {
+            None
+        };
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
             let p = format!("blk.{i}");
-            let q = |file: &mut std::fs::File, n: &str| -> Result<QMatMul> {
-                Ok(QMatMul::from_qtensor(convert(t(file, &format!("{p}.{n}.weight"))?, fmt, device)?)?)
+            let q = |file: &mut std::fs::File, n: &str| -> Result<Proj> {
+                projection(t(file, &format!("{p}.{n}.weight"))?, fmt, device)
             };
             blocks.push(Layer {
                 wq: q(&mut file, "attn_q")?,
@@ -191,17 +283,39 @@ impl Stage {
         let tail = if layers.end == cfg.n_layers {
             let norm = t(&mut file, "output_norm.weight")?.dequantize(device)?;
             let out = match ct.tensor(&mut file, "output.weight", device) {
-                Ok(w) => w,
-                Err(_) => t(&mut file, "token_embd.weight")?,
+                Ok(w) => projection(w, fmt, device)?,
+                // Tied: a single-stage replica already holds the table for the embedding.
+                Err(_) => match (&embed, fmt) {
+                    (Some(Embedding::Blocks(b)), _) => Proj::Fused(b.clone()),
+                    (Some(Embedding::Dense(e)), WeightFormat::F32) => Proj::Candle(QMatMul::Tensor(e.clone())),
+                    _ => projection(t(&mut file, "token_embd.weight")?, fmt, device)?,
+                },
             };
-            Some((norm, QMatMul::from_qtensor(out)?))
+            Some((norm, out))
         } else {
             None
         };
         let max_positions = cfg.context_length;
         let (cos, sin) = rope_tables(cfg.rope_dim, cfg.rope_base, max_positions, device)?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
-        Ok(Self { cfg, layers, device: device.clone(), embed, blocks, tail, cos, sin, neg_inf, max_positions })
+        let flat_rope = if fmt == WeightFormat::Fused && device.is_cpu() && cfg.rope_dim == cfg.head_dim {
+            Some((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?))
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg,
+            layers,
+            device: device.clone(),
+            embed,
+            blocks,
+            tail,
+            cos,
+            sin,
+            flat_rope,
+            neg_inf,
+            max_positions,
+        })
     }
 
     pub fn is_head(&self) -> bool {
@@ -213,14 +327,27 @@ impl Stage {
     }
 
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache { kv: (0..self.blocks.len()).map(|_| None).collect(), len: 0 }
+        let n = self.blocks.len();
+        SeqCache { kv: (0..n).map(|_| None).collect(), flat: (0..n).map(|_| Default::default()).collect(), len: 0 }
     }
 
     /// Token embeddings, `[ids.len(), hidden]`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let e = self.embed.as_ref().context("this stage has no embedding (not the head)")?;
-        let ids = Tensor::new(ids, &self.device)?;
-        Ok(e.index_select(&ids, 0)?)
+        match self.embed.as_ref().context("this stage has no embedding (not the head)")? {
+            Embedding::Dense(e) => {
+                let ids = Tensor::new(ids, &self.device)?;
+                Ok(e.index_select(&ids, 0)?)
+            }
+            Embedding::Blocks(b) => {
+                let (n, k) = b.dims();
+                let mut out = vec![0f32; ids.len() * k];
+                for (row, &id) in out.chunks_exact_mut(k).zip(ids) {
+                    ensure!((id as usize) < n, "token id {id} outside the vocabulary ({n})");
+                    b.row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), k), &self.device)?)
+            }
+        }
     }
 
     /// Runs this stage's layers over `x` (`[T, hidden]`, the rows of all chunks in order).
@@ -241,7 +368,10 @@ impl Stage {
         for (li, layer) in self.blocks.iter().enumerate() {
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
-            let attn = self.attention(li, layer, &h, chunks)?;
+            let attn = match &self.flat_rope {
+                Some(rope) => self.attention_flat(li, layer, &h, chunks, rope)?,
+                None => self.attention(li, layer, &h, chunks)?,
+            };
             let x1 = (attn + residual)?;
             let residual = &x1;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
@@ -294,7 +424,73 @@ impl Stage {
             outs.push(y.transpose(1, 2)?.reshape((1, len, nh * hd))?);
         }
         let y = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 1)? };
-        Ok(layer.wo.forward(&y)?)
+        layer.wo.forward(&y)
+    }
+
+    /// Attention of the `fused` format: RoPE, the KV caches (plain vectors, appended in place)
+    /// and the attention itself by plain loops ([`crate::simd::attend`]) rather than ~15
+    /// candle ops per sequence and layer; every (row, head) is independent of the others, so
+    /// the result does not depend on the batch. The rows' heads are spread over the threads.
+    fn attention_flat(
+        &self,
+        li: usize,
+        layer: &Layer,
+        h: &Tensor,
+        chunks: &mut [Chunk<'_>],
+        (cos, sin): &(Vec<f32>, Vec<f32>),
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
+        let (qw, kvw, half) = (nh * hd, nkv * hd, hd / 2);
+        let mut q: Vec<f32> = layer.wq.forward(h)?.flatten_all()?.to_vec1()?;
+        let mut k: Vec<f32> = layer.wk.forward(h)?.flatten_all()?.to_vec1()?;
+        let v: Vec<f32> = layer.wv.forward(h)?.flatten_all()?.to_vec1()?;
+        let rows = q.len() / qw;
+        // (chunk, position) of every row.
+        let mut at = Vec::with_capacity(rows);
+        for (ci, c) in chunks.iter_mut().enumerate() {
+            let (kc, vc) = &mut c.cache.flat[li];
+            for i in 0..c.len {
+                let (r, pos) = (at.len(), c.pos + i);
+                let (cs, sn) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+                for x in
+                    q[r * qw..(r + 1) * qw].chunks_exact_mut(hd).chain(k[r * kvw..(r + 1) * kvw].chunks_exact_mut(hd))
+                {
+                    rope_interleaved(x, cs, sn);
+                }
+                kc.extend_from_slice(&k[r * kvw..(r + 1) * kvw]);
+                vc.extend_from_slice(&v[r * kvw..(r + 1) * kvw]);
+                at.push((ci, pos));
+            }
+        }
+        let caches: Vec<(&[f32], &[f32])> =
+            chunks.iter().map(|c| (c.cache.flat[li].0.as_slice(), c.cache.flat[li].1.as_slice())).collect();
+        let mut out = vec![0f32; rows * qw];
+        let dst = SyncPtr(out.as_mut_ptr());
+        let isa = crate::kernel::Isa::detect();
+        let n_rep = nh / nkv;
+        // One item: the query heads of one row that share a key/value head.
+        let work = |items: Range<usize>| {
+            let dst = &dst;
+            let mut scores = Vec::new();
+            for it in items {
+                let (r, g) = (it / nkv, it % nkv);
+                let (ci, pos) = at[r];
+                let (keys, values) = caches[ci];
+                scores.resize(n_rep * (pos + 1), 0f32);
+                let span = r * qw + g * n_rep * hd..r * qw + (g + 1) * n_rep * hd;
+                // SAFETY: every item writes its own values of `out`, which outlives this.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(span.start), span.len()) };
+                crate::kernel::attend(isa, &q[span], hd, pos + 1, keys, values, kvw, g * hd, &mut scores, o);
+            }
+        };
+        let positions: usize = at.iter().map(|a| a.1 + 1).sum();
+        if positions * nh * hd < 1 << 15 {
+            work(0..rows * nkv);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(rows * nkv, work);
+        }
+        let y = Tensor::from_vec(out, (1, rows, qw), &self.device)?;
+        layer.wo.forward(&y)
     }
 
     /// Logits of the last row of each chunk: `[chunks, vocab]`.
@@ -312,6 +508,20 @@ impl Stage {
         Ok(out.forward(&h)?.to_dtype(DType::F32)?)
     }
 }
+
+/// candle's `rope_i` on one head: pairs `(2j, 2j + 1)` rotated by angle `j`.
+fn rope_interleaved(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (p, (c, s)) in x.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+        let (x0, x1) = (p[0], p[1]);
+        p[0] = x0 * c - x1 * s;
+        p[1] = x0 * s + x1 * c;
+    }
+}
+
+struct SyncPtr(*mut f32);
+// SAFETY: used only to write disjoint elements from several threads (`attention_flat`).
+unsafe impl Sync for SyncPtr {}
+unsafe impl Send for SyncPtr {}
 
 fn rope_tables(dim: usize, base: f32, n: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let theta: Vec<f32> = (0..dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / dim as f32)).collect();

@@ -3,7 +3,8 @@
 //! * `POST /v1/completions`, `POST /v1/chat/completions`: `max_tokens`, `temperature`,
 //!   `top_p`, `stop` (string or list), `seed`, `stream` (SSE, `data: [DONE]` at the end,
 //!   `stream_options.include_usage`), `usage` in non-streaming answers, and vLLM's
-//!   `continue_final_message` / `add_generation_prompt` for chat.
+//!   `continue_final_message` / `add_generation_prompt` for chat and `ignore_eos` (keep
+//!   generating through stop tokens until `max_tokens`; for benchmarks).
 //! * `GET /health` (200 while the process runs; JSON with stage status), `GET /ready`
 //!   (200 only when weights are loaded, a warm-up token went through the whole pipeline and
 //!   every stage is connected; else 503), `GET /metrics` (Prometheus text), `GET /v1/models`.
@@ -285,6 +286,10 @@ fn parse(api: &Api, body: &Value, chat: bool) -> Result<Parsed, ApiError> {
     };
     let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
     let stream = f("stream").and_then(Value::as_bool).unwrap_or(false);
+    let ignore_eos = match f("ignore_eos") {
+        None => false,
+        Some(v) => v.as_bool().ok_or_else(|| ApiError::bad("`ignore_eos` must be a boolean", "invalid_parameter"))?,
+    };
     let include_usage =
         f("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
     let model = f("model").and_then(Value::as_str).unwrap_or(&api.model_name).to_string();
@@ -385,7 +390,7 @@ fn parse(api: &Api, body: &Value, chat: bool) -> Result<Parsed, ApiError> {
     Ok(Parsed {
         prompt,
         max_tokens,
-        params: SamplingParams { temperature: temperature as f32, top_p: top_p as f32, seed },
+        params: SamplingParams { temperature: temperature as f32, top_p: top_p as f32, seed, ignore_eos },
         stops,
         stream,
         include_usage,

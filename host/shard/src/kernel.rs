@@ -1,0 +1,166 @@
+//! The `fused` weight format's matmul: `y = x · Wᵀ` with `W` kept in its GGML blocks as
+//! stored in the file (Q4_1 or Q8_0, 32 values per block), dequantized in registers, and `x`
+//! in f32 (ggml's and candle's quantized kernels round `x` to 8 bits instead).
+//!
+//! A decode step reads every weight once whatever the number of rows: the kernel unpacks a
+//! block of one weight row once and multiplies it into up to [`MAX_ROWS`] activation rows.
+//! One row is memory bound (Q4_1 moves 0.625 bytes per weight; f32 would move 4); each
+//! further row adds only its multiply-adds (on the 2-core AVX-512 machine of bench/README.md,
+//! 8 rows cost about 2.7 times one row; candle's quantized kernels cost 8 times).
+//!
+//! Each output element is a dot product accumulated in a fixed order (two vector accumulators
+//! over the blocks, then one horizontal sum), whatever the number of rows, the row's position
+//! in the batch and the thread: batched results equal unbatched ones exactly. The order does
+//! differ between the AVX-512, AVX2 and scalar paths (picked once per process at run time).
+//! Weights are dequantized as candle does (`q * d + m`, two roundings), so this is the exact
+//! f32 product of the activations with candle's dequantized weights up to summation order.
+
+use std::ops::Range;
+
+use anyhow::{Result, bail, ensure};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+
+// The inner loops: an ordinary module, or in dev builds the same file precompiled with
+// optimizations by build.rs.
+#[cfg(not(switchyard_prebuilt_simd))]
+#[path = "simd.rs"]
+mod simd;
+#[cfg(switchyard_prebuilt_simd)]
+extern crate switchyard_shard_simd as simd;
+
+use simd::{Args, QK, dequantize};
+pub use simd::{Blocks, Isa, MAX_ROWS, attend};
+
+/// A weight matrix `[n, k]` (`n` output features, `k` inputs) as GGML blocks, row-major.
+pub struct BlockMatrix {
+    blocks: Blocks,
+    data: Vec<u8>,
+    n: usize,
+    k: usize,
+}
+
+impl BlockMatrix {
+    /// `None` when the tensor is not Q4_1 or Q8_0 (or not a CPU matrix).
+    pub fn from_qtensor(qt: &QTensor) -> Result<Option<Self>> {
+        let blocks = match qt.dtype() {
+            GgmlDType::Q4_1 => Blocks::Q4_1,
+            GgmlDType::Q8_0 => Blocks::Q8_0,
+            _ => return Ok(None),
+        };
+        if !qt.device().is_cpu() {
+            return Ok(None);
+        }
+        let (n, k) = qt.shape().dims2()?;
+        ensure!(k.is_multiple_of(QK), "rows of {k} values are not whole blocks");
+        let data = qt.data()?.into_owned();
+        ensure!(data.len() == n * (k / QK) * blocks.bytes(), "unexpected size of the block data");
+        Ok(Some(Self { blocks, data, n, k }))
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    pub fn blocks(&self) -> Blocks {
+        self.blocks
+    }
+
+    /// Row `j` of `W`, dequantized (an embedding lookup).
+    pub fn row(&self, j: usize, out: &mut [f32]) {
+        let nb = self.k / QK;
+        let bytes = self.blocks.bytes();
+        let mut w = [0f32; QK];
+        for (b, out) in out.chunks_exact_mut(QK).enumerate().take(nb) {
+            let off = (j * nb + b) * bytes;
+            dequantize(self.blocks, &self.data[off..off + bytes], &mut w);
+            out.copy_from_slice(&w);
+        }
+    }
+
+    /// `y[m, n] = x[m, k] · Wᵀ` on candle's CPU thread pool.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        self.matmul_isa(Isa::detect(), x, y)
+    }
+
+    /// As [`Self::matmul`], with a given instruction set (tests compare them).
+    pub fn matmul_isa(&self, isa: Isa, x: &[f32], y: &mut [f32]) -> Result<()> {
+        ensure!(isa.available(), "this CPU cannot run the {isa:?} kernel");
+        ensure!(x.len().is_multiple_of(self.k), "activations of {} values are not rows of {}", x.len(), self.k);
+        let m = x.len() / self.k;
+        ensure!(y.len() == m * self.n, "output has {} values, want {}x{}", y.len(), m, self.n);
+        if m == 0 {
+            return Ok(());
+        }
+        let out = OutPtr(y.as_mut_ptr());
+        let run = |cols: Range<usize>| {
+            let out = &out;
+            for r0 in (0..m).step_by(isa.rows()) {
+                let rows = r0..(r0 + isa.rows()).min(m);
+                let a = Args {
+                    w: &self.data,
+                    bytes: self.blocks.bytes(),
+                    k: self.k,
+                    n: self.n,
+                    x,
+                    rows,
+                    cols: cols.clone(),
+                    y: out.0,
+                };
+                // SAFETY: `isa` is available (checked above); `x`, `y` and the weights match
+                // `a`; the threads write disjoint columns of `y`, which outlives this call.
+                unsafe { simd::run(isa, self.blocks, &a) };
+            }
+        };
+        // Small products are not worth waking the pool for.
+        if m * self.n * self.k < 1 << 16 {
+            run(0..self.n);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(self.n, run);
+        }
+        Ok(())
+    }
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: shared only to write disjoint elements (see `matmul_isa`).
+unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutPtr {}
+
+/// `x.apply_op1_no_bwd(&matrix)`: `[.., k]` to `[.., n]`, f32 on the CPU.
+impl CustomOp1 for BlockMatrix {
+    fn name(&self) -> &'static str {
+        "switchyard-block-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("{}: activations must be f32", self.name());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: activations must be contiguous", self.name());
+        };
+        let mut dims = layout.shape().dims().to_vec();
+        if dims.last() != Some(&self.k) {
+            candle_core::bail!("{}: activations {:?} do not have {} columns", self.name(), dims, self.k);
+        }
+        *dims.last_mut().unwrap() = self.n;
+        let x = &data[start..end];
+        let mut y = vec![0f32; x.len() / self.k * self.n];
+        self.matmul(x, &mut y).map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+}
+
+/// Reference for tests: the same product through candle's dequantization and f32 matmul.
+pub fn reference_matmul(qt: &QTensor, x: &[f32]) -> Result<Vec<f32>> {
+    let (n, k) = qt.shape().dims2()?;
+    if !x.len().is_multiple_of(k) {
+        bail!("bad activations");
+    }
+    let w = qt.dequantize(&candle_core::Device::Cpu)?;
+    let x = candle_core::Tensor::from_slice(x, (x.len() / k, k), &candle_core::Device::Cpu)?;
+    let y = x.matmul(&w.t()?)?;
+    debug_assert_eq!(y.dims2()?.1, n);
+    Ok(y.flatten_all()?.to_vec1()?)
+}

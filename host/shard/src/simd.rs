@@ -1,0 +1,506 @@
+//! Inner loops of the `fused` weight format's matmul (see `kernel.rs`): plain `std` and
+//! `std::arch`, no other dependency, so that `build.rs` can compile this file on its own with
+//! optimizations for dev builds (the workspace's dev profile leaves workspace crates at
+//! opt-level 0, where these loops run ~30x slower).
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Values per block (Q4_1 and Q8_0).
+pub const QK: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocks {
+    /// `f16 d, f16 m, 16 bytes`: value `j` is `d * q + m` with `q` the low nibble of byte `j`
+    /// (`j < 16`) or the high nibble of byte `j - 16`.
+    Q4_1,
+    /// `f16 d, 32 × i8`: value `j` is `d * q[j]`.
+    Q8_0,
+}
+
+impl Blocks {
+    pub const fn bytes(self) -> usize {
+        match self {
+            Blocks::Q4_1 => 20,
+            Blocks::Q8_0 => 34,
+        }
+    }
+}
+
+/// Instruction set used by the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+impl Isa {
+    /// The best one this CPU has (`SWITCHYARD_KERNEL=avx512|avx2|scalar` caps it).
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = best_isa();
+            match std::env::var("SWITCHYARD_KERNEL").as_deref() {
+                Ok("scalar") => Isa::Scalar,
+                Ok("avx2") if best != Isa::Scalar => Isa::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    /// Whether this CPU can run `self`.
+    pub fn available(self) -> bool {
+        matches!(
+            (self, best_isa()),
+            (Isa::Scalar, _) | (Isa::Avx2, Isa::Avx2 | Isa::Avx512) | (Isa::Avx512, Isa::Avx512)
+        )
+    }
+
+    /// Rows multiplied per pass over a weight row (bounded by the vector registers).
+    pub fn rows(self) -> usize {
+        match self {
+            Isa::Avx512 => 8,
+            Isa::Avx2 => 4,
+            Isa::Scalar => 4,
+        }
+    }
+}
+
+/// Most rows one pass over the weights serves.
+pub const MAX_ROWS: usize = 8;
+
+fn best_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let base =
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+        if base && is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if base {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Scalar
+}
+
+/// One call: rows `rows` of `x` (`[m, k]`, at most `isa.rows()` rows) times weight rows
+/// `cols` of `w` (`[n, k]` in blocks of `bytes` bytes), written to `y` (`[m, n]`).
+pub struct Args<'a> {
+    pub w: &'a [u8],
+    pub bytes: usize,
+    pub k: usize,
+    pub n: usize,
+    pub x: &'a [f32],
+    pub rows: Range<usize>,
+    pub cols: Range<usize>,
+    pub y: *mut f32,
+}
+
+/// Runs one call of the kernel.
+///
+/// # Safety
+/// `isa` must be available on this CPU; `w`, `x` and `y` must hold the blocks, rows and
+/// outputs that `a` names, and no other thread may write the same elements of `y`.
+pub unsafe fn run(isa: Isa, blocks: Blocks, a: &Args) {
+    debug_assert!(a.rows.len() <= isa.rows() && a.k.is_multiple_of(QK));
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match (isa, blocks) {
+                (Isa::Avx512, Blocks::Q4_1) => return x86::avx512::<true>(a),
+                (Isa::Avx512, Blocks::Q8_0) => return x86::avx512::<false>(a),
+                (Isa::Avx2, Blocks::Q4_1) => return x86::avx2::<true>(a),
+                (Isa::Avx2, Blocks::Q8_0) => return x86::avx2::<false>(a),
+                _ => {}
+            }
+        }
+    }
+    let _ = isa;
+    scalar(a, blocks)
+}
+
+/// IEEE half to single precision (exact).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: normalise.
+            let shift = man.leading_zeros() - 21;
+            let man = (man << shift) & 0x3ff;
+            sign | ((127 - 15 + 1 - shift) << 23) | (man << 13)
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (man << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Dequantizes one block as candle does.
+pub fn dequantize(blocks: Blocks, b: &[u8], out: &mut [f32; QK]) {
+    let d = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+    match blocks {
+        Blocks::Q4_1 => {
+            let m = f16_to_f32(u16::from_le_bytes([b[2], b[3]]));
+            for j in 0..16 {
+                out[j] = (b[4 + j] & 0x0f) as f32 * d + m;
+                out[j + 16] = (b[4 + j] >> 4) as f32 * d + m;
+            }
+        }
+        Blocks::Q8_0 => {
+            for j in 0..QK {
+                out[j] = (b[2 + j] as i8) as f32 * d;
+            }
+        }
+    }
+}
+
+fn scalar(a: &Args, blocks: Blocks) {
+    let nb = a.k / QK;
+    let mut w = [0f32; QK];
+    for j in a.cols.clone() {
+        let mut acc = [[0f32; 8]; 4];
+        let rows = a.rows.len();
+        for b in 0..nb {
+            let off = (j * nb + b) * a.bytes;
+            dequantize(blocks, &a.w[off..off + a.bytes], &mut w);
+            for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                let x = &a.x[(a.rows.start + r) * a.k + b * QK..][..QK];
+                for (l, acc) in acc.iter_mut().enumerate() {
+                    for q in 0..4 {
+                        *acc += w[q * 8 + l] * x[q * 8 + l];
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            // SAFETY: (row, j) is inside `y` and written by this thread only.
+            unsafe { *a.y.add((a.rows.start + r) * a.n + j) = acc.iter().sum() };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Args, QK};
+
+    /// `d` (and for Q4_1 `m`) of the block at `p`, broadcast.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales(p: *const u8) -> (__m128, __m128) {
+        unsafe {
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+            (_mm_broadcastss_ps(dm), _mm_broadcastss_ps(_mm_movehdup_ps(dm)))
+        }
+    }
+
+    /// Dispatches on the number of rows (a constant inside the kernels).
+    pub(super) unsafe fn avx512<const Q4: bool>(a: &Args) {
+        unsafe {
+            match a.rows.len() {
+                1 => avx512_rows::<Q4, 1>(a),
+                2 => avx512_rows::<Q4, 2>(a),
+                3 => avx512_rows::<Q4, 3>(a),
+                4 => avx512_rows::<Q4, 4>(a),
+                5 => avx512_rows::<Q4, 5>(a),
+                6 => avx512_rows::<Q4, 6>(a),
+                7 => avx512_rows::<Q4, 7>(a),
+                8 => avx512_rows::<Q4, 8>(a),
+                r => unreachable!("{r} rows"),
+            }
+        }
+    }
+
+    pub(super) unsafe fn avx2<const Q4: bool>(a: &Args) {
+        unsafe {
+            match a.rows.len() {
+                1 => avx2_rows::<Q4, 1>(a),
+                2 => avx2_rows::<Q4, 2>(a),
+                3 => avx2_rows::<Q4, 3>(a),
+                4 => avx2_rows::<Q4, 4>(a),
+                r => unreachable!("{r} rows"),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn avx512_rows<const Q4: bool, const R: usize>(a: &Args) {
+        unsafe {
+            let nb = a.k / QK;
+            let xs: [*const f32; R] = std::array::from_fn(|r| a.x.as_ptr().add((a.rows.start + r) * a.k));
+            let mask = _mm512_set1_epi32(0x0f);
+            for j in a.cols.clone() {
+                // Two accumulators per row (the first and second half of each block): shorter
+                // dependency chains when there are few rows.
+                let mut lo = [_mm512_setzero_ps(); R];
+                let mut hi = [_mm512_setzero_ps(); R];
+                let wrow = a.w.as_ptr().add(j * nb * a.bytes);
+                for b in 0..nb {
+                    let p = wrow.add(b * a.bytes);
+                    let (d, m) = scales(p);
+                    let d = _mm512_broadcastss_ps(d);
+                    let (w0, w1) = if Q4 {
+                        let m = _mm512_broadcastss_ps(m);
+                        let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(4) as *const __m128i));
+                        let q0 = _mm512_cvtepi32_ps(_mm512_and_si512(q, mask));
+                        let q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                        (_mm512_add_ps(_mm512_mul_ps(q0, d), m), _mm512_add_ps(_mm512_mul_ps(q1, d), m))
+                    } else {
+                        let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(2) as *const __m128i));
+                        let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(18) as *const __m128i));
+                        (_mm512_mul_ps(_mm512_cvtepi32_ps(q0), d), _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d))
+                    };
+                    for r in 0..R {
+                        let x = xs[r].add(b * QK);
+                        lo[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), lo[r]);
+                        hi[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x.add(16)), hi[r]);
+                    }
+                }
+                for r in 0..R {
+                    *a.y.add((a.rows.start + r) * a.n + j) = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r]));
+                }
+            }
+        }
+    }
+
+    /// [`super::dot`] with AVX-512.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        unsafe {
+            let n = a.len() / 16 * 16;
+            debug_assert!(b.len() >= a.len());
+            let mut acc = _mm512_setzero_ps();
+            let mut i = 0;
+            while i < n {
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), _mm512_loadu_ps(b.as_ptr().add(i)), acc);
+                i += 16;
+            }
+            let v = _mm256_add_ps(
+                _mm512_castps512_ps256(acc),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)),
+            );
+            let mut s = tree8(v);
+            for j in n..a.len() {
+                s = a[j].mul_add(b[j], s);
+            }
+            s
+        }
+    }
+
+    /// [`super::dot`] with AVX2 (lanes 0..8 and 8..16 in two registers).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        unsafe {
+            let n = a.len() / 16 * 16;
+            debug_assert!(b.len() >= a.len());
+            let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i < n {
+                let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+                lo = _mm256_fmadd_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb), lo);
+                hi = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8)), hi);
+                i += 16;
+            }
+            let mut s = tree8(_mm256_add_ps(lo, hi));
+            for j in n..a.len() {
+                s = a[j].mul_add(b[j], s);
+            }
+            s
+        }
+    }
+
+    /// Lanes 0..8 summed as the tree of [`super::dot`] (w = 4, 2, 1).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tree8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn avx2_rows<const Q4: bool, const R: usize>(a: &Args) {
+        unsafe {
+            let nb = a.k / QK;
+            let xs: [*const f32; R] = std::array::from_fn(|r| a.x.as_ptr().add((a.rows.start + r) * a.k));
+            let mask = _mm256_set1_epi32(0x0f);
+            for j in a.cols.clone() {
+                let mut lo = [_mm256_setzero_ps(); R];
+                let mut hi = [_mm256_setzero_ps(); R];
+                let wrow = a.w.as_ptr().add(j * nb * a.bytes);
+                for b in 0..nb {
+                    let p = wrow.add(b * a.bytes);
+                    let (d, m) = scales(p);
+                    let d = _mm256_broadcastss_ps(d);
+                    // Values 0..8, 8..16, 16..24, 24..32.
+                    let w: [__m256; 4] = if Q4 {
+                        let m = _mm256_broadcastss_ps(m);
+                        let qa = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(4) as *const __m128i));
+                        let qb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(12) as *const __m128i));
+                        let f = |q: __m256i| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m);
+                        [
+                            f(_mm256_and_si256(qa, mask)),
+                            f(_mm256_and_si256(qb, mask)),
+                            f(_mm256_srli_epi32(qa, 4)),
+                            f(_mm256_srli_epi32(qb, 4)),
+                        ]
+                    } else {
+                        let f = |o: usize| {
+                            let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(2 + o) as *const __m128i));
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(q), d)
+                        };
+                        [f(0), f(8), f(16), f(24)]
+                    };
+                    for r in 0..R {
+                        let x = xs[r].add(b * QK);
+                        lo[r] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), lo[r]);
+                        hi[r] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), hi[r]);
+                        lo[r] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), lo[r]);
+                        hi[r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), hi[r]);
+                    }
+                }
+                for r in 0..R {
+                    *a.y.add((a.rows.start + r) * a.n + j) = hsum256(_mm256_add_ps(lo[r], hi[r]));
+                }
+            }
+        }
+    }
+}
+
+/// Attention of the query heads that share one key/value head (`q`: `n` heads of `hd`
+/// values, RoPE applied; `out` the same shape) over the first `len` positions of a cache:
+/// `keys` and `values` are `[position][stride]`, this head's `hd` values at `off` of each
+/// position. `scores` is scratch of at least `n * len` values. Every query head is computed
+/// on its own, in the same order whatever `n`, and with the same arithmetic on every
+/// instruction set (lane-wise sums in a fixed order, fused multiply-adds), so results depend
+/// neither on the CPU nor on how heads are grouped.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    isa: Isa,
+    q: &[f32],
+    hd: usize,
+    len: usize,
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    off: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let a = Attn { q, hd, len, keys, values, stride, off };
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `isa` is only ever one this CPU has (`Isa::detect`, `Isa::available`).
+        unsafe {
+            match isa {
+                Isa::Avx512 => return attend_avx512(&a, scores, out),
+                Isa::Avx2 => return attend_avx2(&a, scores, out),
+                Isa::Scalar => {}
+            }
+        }
+    }
+    let _ = isa;
+    attend_body(&a, scores, out, dot)
+}
+
+struct Attn<'a> {
+    q: &'a [f32],
+    hd: usize,
+    len: usize,
+    keys: &'a [f32],
+    values: &'a [f32],
+    stride: usize,
+    off: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_avx512(a: &Attn, scores: &mut [f32], out: &mut [f32]) {
+    // SAFETY: this function's target features are `dot_avx512`'s.
+    attend_body(a, scores, out, |x, y| unsafe { x86::dot_avx512(x, y) })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(a: &Attn, scores: &mut [f32], out: &mut [f32]) {
+    // SAFETY: this function's target features are `dot_avx2`'s.
+    attend_body(a, scores, out, |x, y| unsafe { x86::dot_avx2(x, y) })
+}
+
+/// `Σ a[i]·b[i]` over 16 lanes (fused multiply-adds), then a fixed reduction tree (lane
+/// `l` += lane `l + w` for w = 8, 4, 2, 1), then the tail beyond a multiple of 16. The SIMD
+/// versions in `x86` compute exactly this.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let n = a.len() / 16 * 16;
+    for (x, y) in a[..n].chunks_exact(16).zip(b[..n].chunks_exact(16)) {
+        for l in 0..16 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    for w in [8, 4, 2, 1] {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    let mut s = acc[0];
+    for (x, y) in a[n..].iter().zip(&b[n..]) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
+#[inline(always)]
+fn attend_body(a: &Attn, scores: &mut [f32], out: &mut [f32], dot: impl Fn(&[f32], &[f32]) -> f32) {
+    let (hd, len) = (a.hd, a.len);
+    let heads = a.q.len() / hd;
+    let scale = (hd as f32).sqrt();
+    let scores = &mut scores[..heads * len];
+    for t in 0..len {
+        let k = &a.keys[t * a.stride + a.off..][..hd];
+        for h in 0..heads {
+            scores[h * len + t] = dot(&a.q[h * hd..][..hd], k) / scale;
+        }
+    }
+    for s in scores.chunks_exact_mut(len) {
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in s.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        for x in s.iter_mut() {
+            *x /= sum;
+        }
+    }
+    out.fill(0.0);
+    for t in 0..len {
+        let v = &a.values[t * a.stride + a.off..][..hd];
+        for h in 0..heads {
+            let p = scores[h * len + t];
+            for (o, v) in out[h * hd..][..hd].iter_mut().zip(v) {
+                *o = p.mul_add(*v, *o);
+            }
+        }
+    }
+}
