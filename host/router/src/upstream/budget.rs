@@ -61,7 +61,12 @@ mod tests {
 
     #[test]
     fn retries_are_bounded_by_ratio_of_traffic() {
-        let b = RetryBudget::new(&RetryConfig { max_attempts: 3, budget_ratio: 0.2, min_retries_per_sec: 0 });
+        let b = RetryBudget::new(&RetryConfig {
+            max_attempts: 3,
+            budget_ratio: 0.2,
+            min_retries_per_sec: 0,
+            ..RetryConfig::default()
+        });
         let mut granted = 0;
         for _ in 0..1000 {
             b.deposit(0);
@@ -74,7 +79,12 @@ mod tests {
 
     #[test]
     fn floor_refills_over_time() {
-        let b = RetryBudget::new(&RetryConfig { max_attempts: 3, budget_ratio: 0.0, min_retries_per_sec: 5 });
+        let b = RetryBudget::new(&RetryConfig {
+            max_attempts: 3,
+            budget_ratio: 0.0,
+            min_retries_per_sec: 5,
+            ..RetryConfig::default()
+        });
         while b.try_withdraw(0) {}
         assert!(!b.try_withdraw(100));
         assert!(b.try_withdraw(1_000));
