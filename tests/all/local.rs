@@ -12,27 +12,25 @@ async fn replicas(router: &Router) -> Vec<serde_json::Value> {
     json(&body)["processes"].as_array().unwrap().clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_shard_process_fails_over_is_restarted_and_serves_again() {
-    let model = model_file();
-    let base = free_port_range(4);
+/// A router running 2 local replicas of the real model with `shards` processes each (model
+/// settings `extra`), returned once both replicas are healthy.
+async fn two_local_replicas(shards: u16, extra: &str) -> Router {
+    let base = free_port_range(2 * shards);
     let cfg = config(&format!(
         r#"[[models]]
 name = "smollm2"
-retry = {{ max_attempts = 3, budget_ratio = 0.5, min_retries_per_sec = 20 }}
 health_check = {{ interval = "200ms", max_latency = "1s", unhealthy_after = 1, healthy_after = 1 }}
-outlier = {{ consecutive_failures = 2, base_ejection = "500ms" }}
-timeouts = {{ request = "60s" }}
+{extra}
 [models.local]
 replicas = 2
-shards = 2
+shards = {shards}
 model = "{}"
 binary = "{}"
 base_port = {base}
 threads = 1
 restart_backoff = "200ms"
 "#,
-        model.display(),
+        model_file().display(),
         shard_bin().display()
     ));
     let router = Router::start(&cfg).await;
@@ -44,6 +42,18 @@ restart_backoff = "200ms"
             })
             .await;
     }
+    router
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_shard_process_fails_over_is_restarted_and_serves_again() {
+    let router = two_local_replicas(
+        2,
+        "retry = { max_attempts = 3, budget_ratio = 0.5, min_retries_per_sec = 20 }\n\
+         outlier = { consecutive_failures = 2, base_ejection = \"500ms\" }\n\
+         timeouts = { request = \"60s\" }",
+    )
+    .await;
     let procs = replicas(&router).await;
     assert_eq!(procs.len(), 4, "2 replicas × 2 shards: {procs:?}");
 
@@ -121,34 +131,7 @@ restart_backoff = "200ms"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_survives_its_replica_being_killed() {
     use http_body_util::BodyExt;
-    let model = model_file();
-    let base = free_port_range(2);
-    let cfg = config(&format!(
-        r#"[[models]]
-name = "smollm2"
-health_check = {{ interval = "200ms", max_latency = "1s", unhealthy_after = 1, healthy_after = 1 }}
-timeouts = {{ first_byte = "60s", idle = "30s" }}
-[models.local]
-replicas = 2
-shards = 1
-model = "{}"
-binary = "{}"
-base_port = {base}
-threads = 1
-restart_backoff = "200ms"
-"#,
-        model.display(),
-        shard_bin().display()
-    ));
-    let router = Router::start(&cfg).await;
-    for r in 0..2 {
-        let name = format!("smollm2-local-{r}");
-        router
-            .wait_metric("switchyard_endpoint_healthy", &[("endpoint", name.as_str())], Duration::from_secs(300), |v| {
-                v == 1.0
-            })
-            .await;
-    }
+    let router = two_local_replicas(1, "timeouts = { first_byte = \"60s\", idle = \"30s\" }").await;
     let body = r#"{"model":"smollm2","stream":true,"max_tokens":40,"temperature":0,
                    "messages":[{"role":"user","content":"Write a short poem about the sea."}]}"#;
     let res = client().request(post_req(&router.url("/v1/chat/completions"), body)).await.unwrap();

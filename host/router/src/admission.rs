@@ -63,12 +63,16 @@ impl RequestHead<'_> {
 
 /// The tenant is the API key of `Authorization: Bearer ...`, kept only as a hash.
 pub fn tenant_of(headers: &HeaderMap) -> u64 {
+    bearer(headers).map(crate::ratelimit::key_hash).unwrap_or(0)
+}
+
+/// The token of `Authorization: Bearer <token>`, trimmed.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(crate::ratelimit::key_hash)
-        .unwrap_or(0)
+        .map(str::trim)
 }
 
 /// 64-bit FNV-1a with a final mix: stable across restarts and routers.

@@ -74,25 +74,13 @@ impl Resumable {
 
     /// Passes a frame's data through the event log (and the splice, after a failover).
     fn accept(&mut self, data: Bytes) -> Bytes {
-        let data = match &self.splice {
-            // The continuation's events are rewritten whole, so they are cut at event ends first.
-            Some(s) => {
-                let mut cut = SseLog { partial: std::mem::take(&mut self.log.partial), ..SseLog::default() };
-                let whole = cut.accept(data);
-                self.log.partial = cut.partial;
-                if whole.is_empty() {
-                    return whole;
-                }
-                s.rewrite(whole)
-            }
-            None => data,
+        let whole = self.log.cut(data);
+        let out = match &self.splice {
+            Some(s) if !whole.is_empty() => s.rewrite(whole),
+            _ => whole,
         };
-        if self.splice.is_some() {
-            // Already cut at event ends; just follow it.
-            self.log.observe(&data);
-            return data;
-        }
-        self.log.accept(data)
+        self.log.observe(&out);
+        out
     }
 
     /// After an upstream failure: starts a continuation if the stream can go on.
@@ -258,7 +246,7 @@ impl Body for RelayBody {
 
     fn is_end_stream(&self) -> bool {
         self.first.is_none()
-            && self.resume.as_ref().is_none_or(|r| r.pending.is_none() && r.log.partial.is_empty())
+            && self.resume.as_ref().is_none_or(|r| r.pending.is_none() && !r.log.holds_partial())
             && self.inner.is_end_stream()
     }
 

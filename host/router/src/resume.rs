@@ -41,7 +41,7 @@ pub struct ResumeContext {
 /// The delivered part of a stream, followed event by event.
 #[derive(Default)]
 pub struct SseLog {
-    pub(crate) partial: BytesMut,
+    partial: BytesMut,
     pub text: String,
     pub content_events: u32,
     pub id: Option<String>,
@@ -76,17 +76,21 @@ fn event_end(b: &[u8]) -> Option<usize> {
 
 impl SseLog {
     /// Takes upstream bytes and returns what may go to the client now: every complete
-    /// event, in order. A trailing partial event waits for the rest.
+    /// event, in order. A trailing partial event waits for the rest. Not yet observed.
+    pub fn cut(&mut self, data: Bytes) -> Bytes {
+        if self.partial.is_empty() && data.ends_with(b"\n\n") {
+            return data;
+        }
+        self.partial.extend_from_slice(&data);
+        match event_end(&self.partial) {
+            Some(end) => self.partial.split_to(end).freeze(),
+            None => Bytes::new(),
+        }
+    }
+
+    /// `cut`, then follows what goes out.
     pub fn accept(&mut self, data: Bytes) -> Bytes {
-        let out = if self.partial.is_empty() && data.ends_with(b"\n\n") {
-            data
-        } else {
-            self.partial.extend_from_slice(&data);
-            match event_end(&self.partial) {
-                Some(end) => self.partial.split_to(end).freeze(),
-                None => return Bytes::new(),
-            }
-        };
+        let out = self.cut(data);
         self.observe(&out);
         out
     }
@@ -98,7 +102,12 @@ impl SseLog {
         rest
     }
 
-    pub(crate) fn observe(&mut self, events: &[u8]) {
+    /// Whether bytes are held back waiting for the end of an event.
+    pub fn holds_partial(&self) -> bool {
+        !self.partial.is_empty()
+    }
+
+    pub fn observe(&mut self, events: &[u8]) {
         for line in events.split(|&b| b == b'\n') {
             let Some(data) = line.strip_prefix(b"data:") else { continue };
             let data = data.trim_ascii();

@@ -420,14 +420,8 @@ fn with_model(body: &Bytes, model: &str) -> Bytes {
 
 /// `Authorization: Bearer <token>`, compared in constant time.
 fn bearer_matches(headers: &http::HeaderMap, token: &str) -> bool {
-    let Some(given) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-    else {
-        return false;
-    };
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    let Some(given) = admission::bearer(headers) else { return false };
+    let (a, b) = (given.as_bytes(), token.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
