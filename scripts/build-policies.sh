@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
 router=${1:-$target/release/switchyard}
-policies=(round-robin weighted-round-robin least-request consistent-hash fallback)
+policies=(round-robin weighted-round-robin least-request consistent-hash fallback canary geo)
 
 rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
 args=()

@@ -504,8 +504,8 @@ pub fn model(name: &str, upstreams: &[&Upstream], extra: &str) -> String {
 // Policy components
 
 /// Standard policies shipped in `policies/`.
-pub const STANDARD_POLICIES: [&str; 5] =
-    ["round-robin", "weighted-round-robin", "least-request", "consistent-hash", "fallback"];
+pub const STANDARD_POLICIES: [&str; 7] =
+    ["round-robin", "weighted-round-robin", "least-request", "consistent-hash", "fallback", "canary", "geo"];
 
 /// Test-kit behaviours (cargo features of `tests/policies/testkit`).
 pub const TESTKIT_MODES: [&str; 7] =

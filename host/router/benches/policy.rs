@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use switchyard::plugin::engine::PluginEngine;
 use switchyard::plugin::loader::{Loader, sha256_hex};
-use switchyard::plugin::runtime::wit;
+use switchyard::plugin::runtime::{Shared, wit};
 use switchyard_policy::Policy;
 
 const POLICIES: [&str; 4] = ["round-robin", "weighted-round-robin", "least-request", "consistent-hash"];
@@ -154,7 +154,7 @@ fn native_bench(name: &str, n: usize, iters: u32) -> f64 {
 fn wasm_bench(loader: &Loader, name: &str, bytes: &[u8], n: usize, iters: u32) -> f64 {
     let sha = sha256_hex(bytes);
     let loaded = loader.load(name, bytes, &sha, "{}", 0).expect("component loads");
-    let binding = Arc::new(loaded.bind(1_000 + n as u64, wit_topology(n), Duration::from_millis(5)));
+    let binding = Arc::new(loaded.bind(1_000 + n as u64, wit_topology(n), Duration::from_millis(5), Shared::new(None)));
     // The router packs the snapshot per request; so does the benchmark, inside the loop.
     let states: Vec<_> = (0..16).map(|k| wit_states(n, k)).collect();
     let mut packed = Vec::with_capacity(n * switchyard::plugin::runtime::STATE_WORDS);

@@ -52,6 +52,105 @@ pub struct Config {
     pub admission: AdmissionConfig,
     #[serde(default)]
     pub degraded: DegradedConfig,
+    #[serde(default)]
+    pub geo: Option<GeoConfig>,
+}
+
+/// Multi-region routing: this router's region, the other regions (PoPs) with their
+/// coordinates and routers, and how a client's region is found.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeoConfig {
+    /// This router's region; must be one of `regions`.
+    pub region: Spanned<String>,
+    /// Request header naming the client's region (checked before `client_networks`).
+    #[serde(default = "default_region_header")]
+    pub client_region_header: String,
+    /// How often the other regions' routers are probed (`GET /readyz`).
+    #[serde(default = "one_sec", with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// A probe slower than this counts as a failure.
+    #[serde(default = "one_sec", with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Consecutive failed probes before a region counts as down (and successes before up).
+    #[serde(default = "two")]
+    pub unhealthy_after: u32,
+    #[serde(default = "two")]
+    pub healthy_after: u32,
+    /// Time a forwarded request may take to its first response byte.
+    #[serde(default = "thirty_secs", with = "humantime_serde")]
+    pub forward_timeout: Duration,
+    pub regions: Spanned<Vec<RegionConfig>>,
+    /// Client address ranges → region, for clients that do not send the header.
+    #[serde(default)]
+    pub client_networks: Vec<ClientNetwork>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub name: String,
+    pub latitude: f64,
+    pub longitude: f64,
+    /// The region's router (required for every region but this one).
+    pub router: Option<UpstreamUrl>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientNetwork {
+    pub cidr: Spanned<String>,
+    pub region: String,
+}
+
+fn default_region_header() -> String {
+    "x-switchyard-client-region".into()
+}
+
+fn one_sec() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn thirty_secs() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn two() -> u32 {
+    2
+}
+
+/// An IP network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (a, p) = s.split_once('/').ok_or_else(|| format!("{s:?} is not in CIDR form (address/prefix)"))?;
+        let addr: std::net::IpAddr = a.trim().parse().map_err(|_| format!("{a:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 =
+            p.trim().parse().ok().filter(|&p| p <= max).ok_or_else(|| format!("prefix {p:?} must be 0..={max}"))?;
+        Ok(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::*;
+        // IPv4 clients reached over an IPv6 socket appear as ::ffff:a.b.c.d.
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map_or(ip, V4),
+            v4 => v4,
+        };
+        let (a, b, bits) = match (self.addr, ip) {
+            (V4(a), V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
+            (V6(a), V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        let shift = bits - self.prefix as u32;
+        shift >= bits || (a >> shift) == (b >> shift)
+    }
 }
 
 /// The rule-based responder: the last step of a fallback chain (see `degraded.rs`).
@@ -663,6 +762,48 @@ impl Config {
                 return Err(err_at(None, "[[degraded.rules]]: each rule needs keywords or a regex".into()));
             }
         }
+        if let Some(g) = &cfg.geo {
+            let regions = g.regions.get_ref();
+            let rspan = Some(g.regions.span());
+            if !regions.iter().any(|r| &r.name == g.region.get_ref()) {
+                return Err(err_at(
+                    Some(g.region.span()),
+                    format!("[geo]: region {:?} is not one of [[geo.regions]]", g.region.get_ref()),
+                ));
+            }
+            let mut seen = HashSet::new();
+            for r in regions {
+                if !seen.insert(&r.name) {
+                    return Err(err_at(rspan.clone(), format!("[[geo.regions]]: {:?} is listed twice", r.name)));
+                }
+                if !(-90.0..=90.0).contains(&r.latitude) || !(-180.0..=180.0).contains(&r.longitude) {
+                    return Err(err_at(
+                        rspan.clone(),
+                        format!("[[geo.regions]] {:?}: latitude must be within ±90 and longitude within ±180", r.name),
+                    ));
+                }
+                if &r.name != g.region.get_ref() && r.router.is_none() {
+                    return Err(err_at(
+                        rspan.clone(),
+                        format!("[[geo.regions]] {:?}: needs the router url of that region", r.name),
+                    ));
+                }
+            }
+            if http::HeaderName::from_bytes(g.client_region_header.as_bytes()).is_err() {
+                return Err(err_at(None, format!("[geo]: {:?} is not a valid header name", g.client_region_header)));
+            }
+            for n in &g.client_networks {
+                if let Err(e) = Cidr::parse(n.cidr.get_ref()) {
+                    return Err(err_at(Some(n.cidr.span()), format!("[[geo.client_networks]]: {e}")));
+                }
+                if !regions.iter().any(|r| r.name == n.region) {
+                    return Err(err_at(
+                        Some(n.cidr.span()),
+                        format!("[[geo.client_networks]]: region {:?} is not one of [[geo.regions]]", n.region),
+                    ));
+                }
+            }
+        }
         if cfg.listeners.is_empty() {
             return Err(err_at(None, "at least one [[listeners]] entry is required".into()));
         }
@@ -712,6 +853,9 @@ impl Config {
                 m.health_check.unhealthy_after >= 1 && m.health_check.healthy_after >= 1,
                 "health_check thresholds must be at least 1",
             )?;
+            if m.policy.geo.is_some() && cfg.geo.is_none() {
+                return Err(err_at(span.clone(), format!("model {name:?}: a geo policy needs a [geo] section")));
+            }
             if let Some(f) = &m.fallback {
                 for fb in &f.models {
                     check(fb != name, "fallback.models must not name the model itself")?;
@@ -738,6 +882,56 @@ impl Config {
             }
         }
         Ok(cfg)
+    }
+}
+
+/// Position of `v` in `list`, appending it when absent.
+fn index_in(list: &mut Vec<String>, v: &str) -> u32 {
+    match list.iter().position(|x| x == v) {
+        Some(i) => i as u32,
+        None => {
+            list.push(v.to_string());
+            list.len() as u32 - 1
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The model's versions (endpoint label `version`; "" when unlabelled) in order of
+    /// first appearance, and each endpoint's index into them. Policies and the per-version
+    /// statistics use the same numbering.
+    pub fn versions(&self) -> (Vec<String>, Vec<u32>) {
+        let mut versions = Vec::new();
+        let of = self
+            .endpoints
+            .get_ref()
+            .iter()
+            .map(|e| index_in(&mut versions, e.labels.get("version").map(String::as_str).unwrap_or("")))
+            .collect();
+        (versions, of)
+    }
+
+    /// The regions a policy of this model sees: the `[geo]` regions first (so a region
+    /// index means the same for every model), then endpoint regions not listed there.
+    /// Returns (name, latitude, longitude) per region, each endpoint's region index, and
+    /// the index of this router's region.
+    pub fn regions(&self, geo: Option<&GeoConfig>) -> (Vec<(String, f64, f64)>, Vec<u32>, u32) {
+        let mut names: Vec<String> =
+            geo.map(|g| g.regions.get_ref().iter().map(|r| r.name.clone()).collect()).unwrap_or_default();
+        let of = self.endpoints.get_ref().iter().map(|e| index_in(&mut names, &e.region)).collect();
+        let local = geo.map_or(0, |g| index_in(&mut names, g.region.get_ref()));
+        let coords = |n: &str| {
+            geo.and_then(|g| g.regions.get_ref().iter().find(|r| r.name == n))
+                .map_or((0.0, 0.0), |r| (r.latitude, r.longitude))
+        };
+        let regions = names
+            .into_iter()
+            .map(|n| {
+                let (lat, lon) = coords(&n);
+                (n, lat, lon)
+            })
+            .collect();
+        (regions, of, local)
     }
 }
 
@@ -795,6 +989,54 @@ url = "http://127.0.0.1:9001"
         let err = parse(&text).unwrap_err();
         assert_eq!(err.line, Some(8), "{err}");
         assert!(err.to_string().starts_with("test.toml:8:"), "{err}");
+    }
+
+    const GEO: &str = r#"
+[geo]
+region = "eu"
+[[geo.regions]]
+name = "eu"
+latitude = 50.1
+longitude = 8.7
+[[geo.regions]]
+name = "us"
+latitude = 40.7
+longitude = -74.0
+router = "http://127.0.0.1:9100"
+[[geo.client_networks]]
+cidr = "10.0.0.0/8"
+region = "us"
+"#;
+
+    #[test]
+    fn geo_regions_networks_and_their_errors() {
+        let cfg = parse(&format!("{GEO}{GOOD}")).unwrap();
+        let (regions, _, local) = cfg.models[0].regions(cfg.geo.as_ref());
+        assert_eq!(local, 0);
+        assert_eq!(regions[1], ("us".to_string(), 40.7, -74.0));
+        assert_eq!(regions.len(), 3, "the endpoint's default region is appended");
+        let err = parse(&format!("{}{GOOD}", GEO.replace("10.0.0.0/8", "10.0.0.0/40"))).unwrap_err();
+        assert_eq!(err.line, Some(14), "{err}");
+        assert!(err.reason.contains("prefix"), "{err}");
+        let err = parse(&format!("{}{GOOD}", GEO.replace(r#"region = "eu""#, r#"region = "asia""#))).unwrap_err();
+        assert_eq!(err.line, Some(3), "{err}");
+        let err = parse(&format!("{}{GOOD}", GEO.replace(r#"router = "http://127.0.0.1:9100""#, ""))).unwrap_err();
+        assert!(err.reason.contains("router url"), "{err}");
+        let err = parse(&GOOD.replace(r#"name = "m""#, "name = \"m\"\npolicy = { geo = \"geo\" }")).unwrap_err();
+        assert!(err.reason.contains("[geo]"), "{err}");
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let net = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()), "IPv4-mapped clients match IPv4 networks");
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("192.0.2.1".parse().unwrap()));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains("2001:db8:1::1".parse().unwrap()));
+        assert!(!v6.contains("10.1.0.1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.1").is_err() && Cidr::parse("nope/8").is_err());
     }
 
     #[test]

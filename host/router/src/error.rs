@@ -116,6 +116,12 @@ impl ApiError {
         )
     }
 
+    /// An admin request that names something that does not exist or cannot take the action.
+    pub fn admin(status: StatusCode, message: impl Into<String>) -> ApiError {
+        let code = if status == StatusCode::NOT_FOUND { "not_found" } else { "invalid_admin_request" };
+        ApiError::new(status, "invalid_request_error", code, message)
+    }
+
     pub fn not_ready() -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "not_ready", "the router is not ready")
     }

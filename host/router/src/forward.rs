@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::body::{RelayBody, ResBody, Resumable, boxed_full};
 use crate::error::ApiError;
 use crate::outcome::RequestRecord;
+use crate::plugin::{PluginSet, wit_request};
 use crate::resume::ResumeContext;
 use crate::router::Model;
 use crate::select::{PowerOfTwoChoices, RequestFacts, Selector, sanitize};
@@ -180,10 +181,28 @@ pub async fn forward(
     }
 }
 
-/// The balance stage: the model's plugin if one is published, else (or when it faults)
-/// the native default. Whatever a plugin answers is sanitised before use.
+/// The canary stage, then the balance stage. The balance stage is the model's plugin if
+/// one is published, else (or when it faults) the native default; whatever a plugin
+/// answers is sanitised before use. A canary decision moves the chosen version's
+/// endpoints to the front and keeps the others behind them as failover, so a failing
+/// canary costs a retry, never a failed request.
 fn choose(model: &Model, facts: &RequestFacts<'_>, snapshot: &[EndpointSnapshot], ranked: &mut Vec<u32>) {
     let set = model.plugins.current();
+    let version = canary_version(model, &set, facts);
+    balance(model, &set, facts, snapshot, ranked);
+    if let Some(v) = version {
+        let of = &model.pool.version_of;
+        ranked.sort_by_key(|&i| of.get(i as usize) != Some(&v));
+    }
+}
+
+fn balance(
+    model: &Model,
+    set: &PluginSet,
+    facts: &RequestFacts<'_>,
+    snapshot: &[EndpointSnapshot],
+    ranked: &mut Vec<u32>,
+) {
     if let Some(binding) = set.balancer(model.index) {
         match binding.select(facts, snapshot, ranked) {
             Ok(()) => {
@@ -197,6 +216,26 @@ fn choose(model: &Model, facts: &RequestFacts<'_>, snapshot: &[EndpointSnapshot]
     }
     let _ = PowerOfTwoChoices.select(facts, snapshot, ranked);
     sanitize(ranked, snapshot);
+}
+
+/// The version the canary policy picks for this request, if the model has one bound and
+/// more than one version.
+fn canary_version(model: &Model, set: &PluginSet, facts: &RequestFacts<'_>) -> Option<u32> {
+    let binding = set.canary(model.index)?;
+    let pool = &model.pool;
+    if pool.versions.len() < 2 {
+        return None;
+    }
+    match binding.canary(wit_request(facts), &pool.version_stats(now_ms())) {
+        Ok(v) => {
+            pool.versions[v as usize].routed.inc();
+            Some(v)
+        }
+        Err(fault) => {
+            model.plugins.record_fault(&pool.model, "canary", binding, &fault);
+            None
+        }
+    }
 }
 
 fn parts_endpoint(parts: &http::response::Parts) -> Option<&str> {
@@ -377,7 +416,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -392,7 +431,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 /// The client's headers as every attempt sends them.
-fn upstream_headers(out: &Outbound<'_>) -> HeaderMap {
+pub(crate) fn upstream_headers(out: &Outbound<'_>) -> HeaderMap {
     let mut h = out.parts.headers.clone();
     strip_hop_by_hop(&mut h);
     h.remove(header::HOST);
@@ -411,18 +450,16 @@ fn upstream_headers(out: &Outbound<'_>) -> HeaderMap {
     h
 }
 
+/// `url` (scheme, authority and path prefix) joined with a request's path and query.
+pub(crate) fn uri_for(url: &crate::config::UpstreamUrl, pq: &str) -> http::Uri {
+    let b = http::Uri::builder().scheme(url.scheme.clone()).authority(url.authority.clone());
+    if url.prefix.is_empty() { b.path_and_query(pq) } else { b.path_and_query(format!("{}{pq}", url.prefix)) }
+        .build()
+        .expect("upstream url and request path were validated")
+}
+
 fn upstream_request(ep: &Endpoint, out: &Outbound<'_>, headers: &HeaderMap) -> Request<Full<Bytes>> {
-    let pq = out.parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let uri = if ep.url.prefix.is_empty() {
-        http::Uri::builder().scheme(ep.url.scheme.clone()).authority(ep.url.authority.clone()).path_and_query(pq)
-    } else {
-        http::Uri::builder()
-            .scheme(ep.url.scheme.clone())
-            .authority(ep.url.authority.clone())
-            .path_and_query(format!("{}{pq}", ep.url.prefix))
-    }
-    .build()
-    .expect("endpoint url and request path were validated");
+    let uri = uri_for(&ep.url, out.parts.uri.path_and_query().map_or("/", |pq| pq.as_str()));
     let mut req = Request::new(Full::new(out.body.clone()));
     *req.method_mut() = out.parts.method.clone();
     *req.uri_mut() = uri;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod degraded;
 pub mod error;
 pub mod forward;
+pub mod geo;
 pub mod listener;
 pub mod metrics;
 pub mod outcome;

@@ -22,6 +22,11 @@ pub struct Metrics {
     pub health_checks: IntCounterVec,
     pub degraded: IntCounterVec,
     pub stream_resumes: IntCounterVec,
+    pub version_requests: IntCounterVec,
+    pub version_errors: IntCounterVec,
+    pub canary_routed: IntCounterVec,
+    pub geo_routed: IntCounterVec,
+    pub region_up: IntGaugeVec,
 }
 
 /// Latency buckets from 0.5 ms to 2 minutes: LLM calls span local fast paths to long generations.
@@ -112,6 +117,31 @@ impl Metrics {
                 "switchyard_stream_resumes_total",
                 "Streams continued on another endpoint after their upstream failed mid-stream",
                 &["model"],
+            ),
+            version_requests: counter(
+                "switchyard_version_requests_total",
+                "Attempts answered by endpoints of each version (label `version`), for canary decisions",
+                &["model", "version"],
+            ),
+            version_errors: counter(
+                "switchyard_version_errors_total",
+                "Server-side failures of endpoints of each version",
+                &["model", "version"],
+            ),
+            canary_routed: counter(
+                "switchyard_canary_routed_total",
+                "Requests the canary stage assigned to each version",
+                &["model", "version"],
+            ),
+            geo_routed: counter(
+                "switchyard_geo_routed_total",
+                "Requests by the region that served them (local or forwarded) and the outcome of forwarding",
+                &["model", "region", "result"],
+            ),
+            region_up: gauge(
+                "switchyard_region_up",
+                "1 while another region's router answers its probes as ready",
+                &["region"],
             ),
             registry,
         }

@@ -197,6 +197,14 @@ impl Admission {
         })
     }
 
+    /// The router's load against its capacity (`max_in_flight`), 0..=1000; 0 without a limit.
+    pub fn load_permille(&self) -> u32 {
+        if self.max_in_flight == 0 {
+            return 0;
+        }
+        (self.in_flight.load(Ordering::Relaxed) * 1000 / self.max_in_flight).min(1000) as u32
+    }
+
     pub fn count(&self, why: Rejection) {
         self.rejected.with_label_values(&[why.label()]).inc();
     }

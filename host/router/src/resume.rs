@@ -235,6 +235,7 @@ pub fn resume(ctx: &mut ResumeContext, body: Bytes, first_byte: Duration) -> Res
                 prefix_hash: 0,
                 prompt_tokens: 0,
                 attempt: tried.len() as u32,
+                client_region: u32::MAX,
             };
             let mut ranked = Vec::new();
             let _ = PowerOfTwoChoices.select(&facts, &snapshot, &mut ranked);

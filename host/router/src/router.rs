@@ -20,6 +20,7 @@ use crate::config::{Config, FallbackConfig, Limits, RetryConfig, Timeouts};
 use crate::degraded::{self, Responder};
 use crate::error::ApiError;
 use crate::forward::{self, FailKind, Forwarded, Outbound, UpstreamClient};
+use crate::geo::{self, Geo};
 use crate::metrics::Metrics;
 use crate::outcome::{ModelMetrics, RequestRecord};
 use crate::plugin::PluginHost;
@@ -62,6 +63,8 @@ pub struct Router {
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     pub admission: Arc<Admission>,
+    /// Multi-region routing, when `[geo]` is configured.
+    pub geo: Option<Arc<Geo>>,
     responder: Responder,
     admin_token: Option<String>,
     models_json: Bytes,
@@ -85,6 +88,10 @@ impl Router {
         let supervisor = Supervisor::new(cfg, &metrics.registry)?;
         supervisor.start(cfg).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let geo = cfg.geo.as_ref().map(|g| Geo::new(g, &metrics, workers));
+        if let Some(g) = &geo {
+            g.spawn_probes(stop_rx.clone());
+        }
         let mut models = HashMap::new();
         for (index, m) in cfg.models.iter().enumerate() {
             let name = m.name.get_ref().clone();
@@ -119,6 +126,7 @@ impl Router {
             supervisor,
             limits: cfg.limits.clone(),
             admission: Admission::new(&cfg.admission, &metrics.registry),
+            geo,
             responder: Responder::new(&cfg.degraded)?,
             admin_token: cfg.admin.resolved_token(),
             metrics,
@@ -165,9 +173,116 @@ impl Router {
                 json(StatusCode::OK, Bytes::from(serde_json::to_vec_pretty(&self.supervisor.status_json()).unwrap()))
             }
             (&Method::GET, "/admin/endpoints") => json(StatusCode::OK, Bytes::from(self.endpoints_json())),
+            (&Method::GET, "/admin/canary") => {
+                let list: Vec<_> = self.sorted_models().filter_map(|m| self.canary_json(m)).collect();
+                json(
+                    StatusCode::OK,
+                    Bytes::from(serde_json::to_vec_pretty(&serde_json::json!({ "canaries": list })).unwrap()),
+                )
+            }
+            (&Method::POST, p) if p.starts_with("/admin/canary/") => match self.canary_action(p).await {
+                Ok(v) => json(StatusCode::OK, Bytes::from(serde_json::to_vec_pretty(&v).unwrap())),
+                Err(e) => e.into_response(),
+            },
             (&Method::GET, "/metrics") => self.metrics_response(),
             (_, p) => ApiError::not_found(p).into_response(),
         }
+    }
+
+    fn sorted_models(&self) -> impl Iterator<Item = &Arc<Model>> {
+        let mut models: Vec<&Arc<Model>> = self.models.values().collect();
+        models.sort_by_key(|m| m.index);
+        models.into_iter()
+    }
+
+    /// A model's canary rollout as `GET /admin/canary` shows it: what the policy last
+    /// reported, the action waiting for it, and the host's per-version statistics.
+    fn canary_json(&self, m: &Model) -> Option<serde_json::Value> {
+        let plugin = self.plugins.canary_plugin(m.index)?;
+        let shared = self.plugins.canary_shared(m.index)?;
+        let now = now_ms();
+        let report = shared.canary_report();
+        let versions: Vec<_> = m
+            .pool
+            .versions
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let (requests, errors) = (v.requests(), v.errors());
+                serde_json::json!({
+                    "version": v.name,
+                    "endpoints": m.pool.version_of.iter().filter(|&&x| x as usize == i).count(),
+                    "requests": requests,
+                    "errors": errors,
+                    "error_rate": if requests > 0 { errors as f64 / requests as f64 } else { 0.0 },
+                    "p99_ms": v.p99_us(now) as f64 / 1000.0,
+                    "routed": v.routed.get(),
+                })
+            })
+            .collect();
+        Some(serde_json::json!({
+            "model": m.pool.model,
+            "plugin": plugin,
+            "active": self.plugins.current().canary(m.index).is_some(),
+            "share_percent": report.as_ref().map(|r| r.status.share_permille as f64 / 10.0),
+            "step": report.as_ref().map(|r| r.status.step),
+            "phase": report.as_ref().map(|r| crate::plugin::canary_phase_name(r.status.phase)),
+            "reason": report.as_ref().map(|r| r.status.reason.clone()),
+            "updated_ms_ago": report.as_ref().map(|r| now.saturating_sub(r.at_ms)),
+            "pending_action": shared.pending_action().map(|a| format!("{a:?}").to_lowercase()),
+            "versions": versions,
+        }))
+    }
+
+    /// `POST /admin/canary/{model}/{promote|pause|resume|rollback}`: queues the action for
+    /// the model's canary policy and lets it take effect at once with one decision made
+    /// here (its answer is discarded), then returns the new state.
+    async fn canary_action(&self, path: &str) -> Result<serde_json::Value, ApiError> {
+        let rest = &path["/admin/canary/".len()..];
+        let (name, action) = rest.rsplit_once('/').ok_or_else(|| {
+            ApiError::admin(StatusCode::NOT_FOUND, "use /admin/canary/{model}/{promote|pause|resume|rollback}")
+        })?;
+        let model = self
+            .models
+            .get(name)
+            .ok_or_else(|| ApiError::admin(StatusCode::NOT_FOUND, format!("unknown model {name:?}")))?
+            .clone();
+        let action = match action {
+            "promote" => wit::OperatorAction::Promote,
+            "pause" => wit::OperatorAction::Pause,
+            "resume" => wit::OperatorAction::Resume,
+            "rollback" => wit::OperatorAction::Rollback,
+            other => {
+                return Err(ApiError::admin(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown action {other:?}: use promote, pause, resume or rollback"),
+                ));
+            }
+        };
+        let binding = self.plugins.current().canary(model.index).cloned().ok_or_else(|| {
+            ApiError::admin(StatusCode::CONFLICT, format!("model {name:?} has no active canary policy"))
+        })?;
+        binding.shared.queue_action(action);
+        tracing::info!(model = %name, ?action, "canary: operator action");
+        let plugins = self.plugins.clone();
+        let m = model.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let facts = RequestFacts {
+                model: &m.pool.model,
+                stream: false,
+                user: None,
+                tenant: 0,
+                prefix_hash: 0,
+                prompt_tokens: 0,
+                attempt: 0,
+                client_region: geo::NO_REGION,
+            };
+            if let Err(fault) = binding.canary(crate::plugin::wit_request(&facts), &m.pool.version_stats(now_ms())) {
+                plugins.record_fault(&m.pool.model, "canary", &binding, &fault);
+            }
+        })
+        .await;
+        Ok(self.canary_json(&model).unwrap_or_default())
     }
 
     fn endpoints_json(&self) -> Vec<u8> {
@@ -215,7 +330,9 @@ impl Router {
             (&Method::GET, "/healthz") => json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}")),
             (&Method::GET, "/readyz") => {
                 if self.is_ready() {
-                    json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ready\"}"))
+                    // Other regions' routers read the load when they probe this one.
+                    let load = self.admission.load_permille();
+                    json(StatusCode::OK, Bytes::from(format!("{{\"status\":\"ready\",\"load_permille\":{load}}}")))
                 } else {
                     ApiError::not_ready().into_response()
                 }
@@ -260,10 +377,7 @@ impl Router {
         let Some(model) = self.models.get(model_name) else {
             return ApiError::model_unknown(model_name).into_response();
         };
-        let charge = match self.admission.charge_tokens(tenant, head.token_estimate()) {
-            Ok(c) => c,
-            Err(e) => return e.into_response(),
-        };
+        let client_region = self.geo.as_ref().map_or(geo::NO_REGION, |g| g.client_region(&parts.headers, peer.addr));
         let facts = RequestFacts {
             model: model_name,
             stream: head.stream.unwrap_or(false),
@@ -272,6 +386,19 @@ impl Router {
             prefix_hash: head.prefix_hash(),
             prompt_tokens: head.prompt_tokens(),
             attempt: 0,
+            client_region,
+        };
+        // The geo stage: another region may serve this request (never one that was
+        // already forwarded here).
+        if let Some(geo) = &self.geo
+            && !parts.headers.contains_key(geo::HOP_HEADER)
+            && let Some(res) = self.route_geo(geo, model, &facts, &parts, &body, peer).await
+        {
+            return res;
+        }
+        let charge = match self.admission.charge_tokens(tenant, head.token_estimate()) {
+            Ok(c) => c,
+            Err(e) => return e.into_response(),
         };
         let permit = Arc::new(permit);
         if model.fallback.is_none() {
@@ -283,9 +410,57 @@ impl Router {
             };
             let record = RequestRecord::begin(&model.metrics, started).with_admission(permit, slot, charge);
             let out = Outbound { parts: &parts, body: body.clone(), client_addr: peer.addr, tls: peer.tls };
-            return forward::forward(model, facts, out, record, self.limits.max_response_bytes, None).await.response;
+            let res = forward::forward(model, facts, out, record, self.limits.max_response_bytes, None).await.response;
+            return self.stamp_region(res);
         }
-        self.degrade(model, facts, &parts, &body, peer, started, permit, charge).await
+        let res = self.degrade(model, facts, &parts, &body, peer, started, permit, charge).await;
+        self.stamp_region(res)
+    }
+
+    /// Names this router's region on a locally served response, when geo is configured.
+    fn stamp_region(&self, mut res: Response<ResBody>) -> Response<ResBody> {
+        if let Some(g) = &self.geo {
+            res.headers_mut().entry(geo::REGION_HEADER).or_insert_with(|| g.local_name().clone());
+        }
+        res
+    }
+
+    /// Asks the model's geo policy where the request should be served; forwards it when
+    /// another region is chosen. `None`: serve here (no policy, a fault, a local decision,
+    /// or a forward that failed — a request never fails because another PoP did).
+    async fn route_geo(
+        &self,
+        geo: &Geo,
+        model: &Model,
+        facts: &RequestFacts<'_>,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        peer: Peer,
+    ) -> Option<Response<ResBody>> {
+        let set = self.plugins.current();
+        let binding = set.geo(model.index)?;
+        let states = geo.region_states(model, self.plugins.region_count(model.index));
+        let region = match binding.geo(crate::plugin::wit_request(facts), &states) {
+            Ok(wit::GeoDecision::Forward(r)) if r != geo.local => r,
+            Ok(_) => return None,
+            Err(fault) => {
+                self.plugins.record_fault(&model.pool.model, "geo", binding, &fault);
+                return None;
+            }
+        };
+        drop(set);
+        let name = geo.region_name(region);
+        match geo.forward(region, parts, body.clone(), facts.client_region, peer.addr, peer.tls).await {
+            Ok(res) => {
+                self.metrics.geo_routed.with_label_values(&[&model.pool.model, name, "forwarded"]).inc();
+                Some(res)
+            }
+            Err(e) => {
+                tracing::warn!(model = %model.pool.model, region = name, "forward to region failed, serving here: {}", e.0);
+                self.metrics.geo_routed.with_label_values(&[&model.pool.model, name, "forward-failed"]).inc();
+                None
+            }
+        }
     }
 
     /// The degradation chain of the seed design: the primary within its share of the budget,

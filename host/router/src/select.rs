@@ -20,6 +20,8 @@ pub struct RequestFacts<'a> {
     pub prompt_tokens: u32,
     /// Attempts already made for this request (0 on the first selection).
     pub attempt: u32,
+    /// The client's region (index into the policies' region list), or `u32::MAX`.
+    pub client_region: u32,
 }
 
 pub trait Selector: Send + Sync {
@@ -115,8 +117,16 @@ mod tests {
         }
     }
 
-    const FACTS: RequestFacts<'static> =
-        RequestFacts { model: "m", stream: false, user: None, tenant: 0, prefix_hash: 0, prompt_tokens: 0, attempt: 0 };
+    const FACTS: RequestFacts<'static> = RequestFacts {
+        model: "m",
+        stream: false,
+        user: None,
+        tenant: 0,
+        prefix_hash: 0,
+        prompt_tokens: 0,
+        attempt: 0,
+        client_region: u32::MAX,
+    };
 
     #[test]
     fn never_picks_unavailable_and_ranks_every_available_once() {

@@ -33,8 +33,8 @@ pub mod bindings {
 }
 
 pub use bindings::switchyard::policy::types::{
-    CircuitState, EndpointInfo, EndpointState, Failure, FailureKind, FallbackDecision, GeoDecision, PluginInfo,
-    RegionInfo, RegionState, Request, Stage, Topology, VersionStats,
+    CanaryPhase, CanaryStatus, CircuitState, EndpointInfo, EndpointState, Failure, FailureKind, FallbackDecision,
+    GeoDecision, OperatorAction, PluginInfo, RegionInfo, RegionState, Request, Stage, Topology, VersionStats,
 };
 
 /// Client region value meaning "unknown".
@@ -82,12 +82,13 @@ pub fn log(level: LogLevel, message: &str) {
 
 pub use bindings::switchyard::policy::host::LogLevel;
 
-/// Monotonic milliseconds from the host (0 when compiled natively, for benchmarks).
+/// Monotonic milliseconds from the host (natively, for tests and benchmarks, what
+/// `set_now_ms_for_test` set on this thread, 0 until then).
 pub fn now_ms() -> u64 {
     #[cfg(target_arch = "wasm32")]
     return bindings::switchyard::policy::host::now_ms();
     #[cfg(not(target_arch = "wasm32"))]
-    0
+    native::NOW_MS.get()
 }
 
 /// A random number from the host (a fixed seed when compiled natively).
@@ -96,6 +97,110 @@ pub fn random() -> u64 {
     return bindings::switchyard::policy::host::random();
     #[cfg(not(target_arch = "wasm32"))]
     0x9e37_79b9_7f4a_7c15
+}
+
+/// Number of shared slots the host keeps per model and stage (see [`slot_get`]).
+pub const SLOTS: u32 = 64;
+
+/// Reads shared slot `slot`: state every instance of the policy (one per worker thread)
+/// sees, kept per model and stage, surviving a hot swap. Unset slots and indices past 63
+/// read 0. Natively the slots are per thread, so one test's policy values share them.
+pub fn slot_get(slot: u32) -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    return bindings::switchyard::policy::host::slot_get(slot);
+    #[cfg(not(target_arch = "wasm32"))]
+    native::SLOTS.with_borrow(|s| s.get(slot as usize).copied().unwrap_or(0))
+}
+
+/// Writes shared slot `slot` (indices past 63 are ignored).
+pub fn slot_set(slot: u32, value: u64) {
+    #[cfg(target_arch = "wasm32")]
+    bindings::switchyard::policy::host::slot_set(slot, value);
+    #[cfg(not(target_arch = "wasm32"))]
+    native::SLOTS.with_borrow_mut(|s| {
+        if let Some(v) = s.get_mut(slot as usize) {
+            *v = value;
+        }
+    })
+}
+
+/// Sets shared slot `slot` to `new` if it holds `current`, atomically across instances;
+/// whether it did. The building block for race-free transitions of shared state.
+pub fn slot_swap(slot: u32, current: u64, new: u64) -> bool {
+    #[cfg(target_arch = "wasm32")]
+    return bindings::switchyard::policy::host::slot_swap(slot, current, new);
+    #[cfg(not(target_arch = "wasm32"))]
+    native::SLOTS.with_borrow_mut(|s| match s.get_mut(slot as usize) {
+        Some(v) if *v == current => {
+            *v = new;
+            true
+        }
+        _ => false,
+    })
+}
+
+/// Canary policies: the operator action waiting to be applied (from the admin API), handed
+/// out once. Natively, what `set_operator_action_for_test` queued on this thread.
+pub fn take_operator_action() -> Option<OperatorAction> {
+    #[cfg(target_arch = "wasm32")]
+    return bindings::switchyard::policy::host::take_operator_action();
+    #[cfg(not(target_arch = "wasm32"))]
+    native::OPERATOR_ACTION.take()
+}
+
+/// Canary policies: publishes the rollout state (admin API and metrics). Call it when the
+/// state changes, not per request. Natively, kept per thread for `last_canary_report`.
+pub fn report_canary(status: &CanaryStatus) {
+    #[cfg(target_arch = "wasm32")]
+    bindings::switchyard::policy::host::report_canary(status);
+    #[cfg(not(target_arch = "wasm32"))]
+    native::CANARY_REPORT.set(Some(status.clone()));
+}
+
+/// Native tests: sets what [`now_ms`] returns on this thread.
+#[doc(hidden)]
+#[cfg(not(target_arch = "wasm32"))]
+pub fn set_now_ms_for_test(ms: u64) {
+    native::NOW_MS.set(ms);
+}
+
+/// Native tests: queues the action the next [`take_operator_action`] on this thread hands out.
+#[doc(hidden)]
+#[cfg(not(target_arch = "wasm32"))]
+pub fn set_operator_action_for_test(action: OperatorAction) {
+    native::OPERATOR_ACTION.set(Some(action));
+}
+
+/// Native tests: the last status passed to [`report_canary`] on this thread.
+#[doc(hidden)]
+#[cfg(not(target_arch = "wasm32"))]
+pub fn last_canary_report() -> Option<CanaryStatus> {
+    native::CANARY_REPORT.with_borrow(|r| r.clone())
+}
+
+/// Native tests: clears this thread's slots, clock, pending operator action and report
+/// (a test harness may run several tests on one thread).
+#[doc(hidden)]
+#[cfg(not(target_arch = "wasm32"))]
+pub fn reset_host_for_test() {
+    native::SLOTS.set([0; SLOTS as usize]);
+    native::NOW_MS.set(0);
+    native::OPERATOR_ACTION.set(None);
+    native::CANARY_REPORT.set(None);
+}
+
+/// The host imports' stand-ins when compiled natively: per-thread, for unit tests.
+#[cfg(not(target_arch = "wasm32"))]
+mod native {
+    use super::{CanaryStatus, OperatorAction, SLOTS as COUNT};
+    use std::cell::{Cell, RefCell};
+
+    std::thread_local! {
+        pub static SLOTS: RefCell<[u64; COUNT as usize]> = const { RefCell::new([0; COUNT as usize]) };
+        pub static NOW_MS: Cell<u64> = const { Cell::new(0) };
+        pub static OPERATOR_ACTION: Cell<Option<OperatorAction>> = const { Cell::new(None) };
+        pub static CANARY_REPORT: RefCell<Option<CanaryStatus>> = const { RefCell::new(None) };
+    }
 }
 
 /// A small fast PRNG (xorshift64*) for policies that draw per decision without a host call.
@@ -118,7 +223,7 @@ impl Rng {
 
     /// Uniform in `0..n` (n > 0).
     pub fn below(&mut self, n: u32) -> u32 {
-        ((self.next_u64() >> 32) * n as u64 >> 32) as u32
+        (((self.next_u64() >> 32) * n as u64) >> 32) as u32
     }
 }
 
@@ -139,6 +244,19 @@ pub fn mix64(mut x: u64) -> u64 {
     x ^= x >> 27;
     x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// Mean Earth radius used by [`haversine_km`], kilometres.
+pub const EARTH_RADIUS_KM: f64 = 6371.0;
+
+/// Great-circle distance in kilometres between two points given as latitude and longitude
+/// in degrees (haversine formula on a sphere of radius [`EARTH_RADIUS_KM`]).
+pub fn haversine_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+    let (phi1, phi2) = (lat1.to_radians(), lat2.to_radians());
+    let d_phi = (lat2 - lat1).to_radians();
+    let d_lambda = (lon2 - lon1).to_radians();
+    let a = (d_phi / 2.0).sin().powi(2) + phi1.cos() * phi2.cos() * (d_lambda / 2.0).sin().powi(2);
+    2.0 * EARTH_RADIUS_KM * a.sqrt().min(1.0).asin()
 }
 
 /// Whether an endpoint may take traffic: healthy and its circuit not open.
@@ -220,4 +338,50 @@ macro_rules! export_policy {
     $crate::bindings::export!(Adapter with_types_in $crate::bindings);
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn haversine_matches_known_distances() {
+        // London - Paris about 344 km, New York - London about 5570 km.
+        let london_paris = haversine_km(51.5074, -0.1278, 48.8566, 2.3522);
+        assert!((london_paris - 343.5).abs() < 1.0, "{london_paris}");
+        let ny_london = haversine_km(40.7128, -74.0060, 51.5074, -0.1278);
+        assert!((ny_london - 5570.0).abs() < 5.0, "{ny_london}");
+        assert_eq!(haversine_km(10.0, 20.0, 10.0, 20.0), 0.0);
+        // Antipodes: half the circumference.
+        let half = haversine_km(0.0, 0.0, 0.0, 180.0);
+        assert!((half - std::f64::consts::PI * EARTH_RADIUS_KM).abs() < 1e-6, "{half}");
+    }
+
+    #[test]
+    fn native_host_stand_ins() {
+        reset_host_for_test();
+        assert_eq!(slot_get(3), 0);
+        slot_set(3, 7);
+        slot_set(64, 9);
+        assert_eq!((slot_get(3), slot_get(64)), (7, 0));
+        assert!(!slot_swap(3, 6, 8));
+        assert!(slot_swap(3, 7, 8));
+        assert_eq!(slot_get(3), 8);
+        assert!(!slot_swap(99, 0, 1));
+
+        set_now_ms_for_test(1234);
+        assert_eq!(now_ms(), 1234);
+
+        set_operator_action_for_test(OperatorAction::Pause);
+        assert_eq!(take_operator_action(), Some(OperatorAction::Pause));
+        assert_eq!(take_operator_action(), None);
+
+        let status = CanaryStatus { share_permille: 50, step: 0, phase: CanaryPhase::Ramping, reason: "x".into() };
+        report_canary(&status);
+        assert_eq!(last_canary_report().map(|s| s.share_permille), Some(50));
+
+        reset_host_for_test();
+        assert_eq!((slot_get(3), now_ms()), (0, 0));
+        assert!(last_canary_report().is_none());
+    }
 }

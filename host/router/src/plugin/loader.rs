@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
 
 use super::engine::PluginEngine;
-use super::runtime::{self, Binding, Live, PluginStats, StoreState, wit};
+use super::runtime::{self, Binding, Live, PluginStats, Shared, StoreState, wit};
 
 pub struct Loader {
     engine: Arc<PluginEngine>,
@@ -35,7 +35,7 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    pub fn bind(&self, uid: u64, topology: wit::Topology, deadline: Duration) -> Binding {
+    pub fn bind(&self, uid: u64, topology: wit::Topology, deadline: Duration, shared: Arc<Shared>) -> Binding {
         Binding {
             uid,
             engine: self.engine.clone(),
@@ -47,6 +47,7 @@ impl Loaded {
             deadline,
             deadline_ticks: PluginEngine::ticks(deadline),
             stats: self.stats.clone(),
+            shared,
         }
     }
 
@@ -115,7 +116,9 @@ impl Loader {
             .map_err(|e| format!("does not match the policy contract: {}", first_line(&e.to_string())))?;
         let name: Arc<str> = Arc::from(name);
         let topology = synthetic_topology();
-        let mut live = Live::start(&self.engine, &pre, &name, config_json, &topology, INIT_DEADLINE)
+        // The self-test gets scratch host state: it must not move a live rollout.
+        let scratch = Shared::new(None);
+        let mut live = Live::start(&self.engine, &pre, &name, &scratch, config_json, &topology, INIT_DEADLINE)
             .map_err(|f| format!("failed to start: {f}"))?;
         let info = live.info(INIT_DEADLINE).map_err(|f| format!("info() failed: {f}"))?;
         if info.stages.is_empty() {
@@ -127,6 +130,9 @@ impl Loader {
         }
         if info.stages.contains(&wit::Stage::Fallback) {
             self_test_fallback(&mut live, (self.deadline * 10).max(SELF_TEST_MIN_DEADLINE))?;
+        }
+        if info.stages.contains(&wit::Stage::Canary) || info.stages.contains(&wit::Stage::Geo) {
+            self_test_canary_geo(&mut live, &info.stages, (self.deadline * 10).max(SELF_TEST_MIN_DEADLINE))?;
         }
         Ok(Loaded {
             name,
@@ -158,11 +164,59 @@ fn synthetic_topology() -> wit::Topology {
                 labels: Vec::new(),
             })
             .collect(),
-        regions: vec![wit::RegionInfo { name: "local".into(), latitude: 0.0, longitude: 0.0 }],
+        regions: vec![
+            wit::RegionInfo { name: "local".into(), latitude: 0.0, longitude: 0.0 },
+            wit::RegionInfo { name: "remote".into(), latitude: 10.0, longitude: 10.0 },
+        ],
         local_region: 0,
-        versions: vec!["v1".into()],
+        versions: vec!["v1".into(), "v2".into()],
         fallback_models: vec!["self-test-fallback".into()],
     }
+}
+
+fn self_test_request(k: u32) -> wit::Request {
+    wit::Request {
+        tenant: k as u64 + 1,
+        client_region: if k % 3 == 2 { u32::MAX } else { k % 2 },
+        prefix_hash: 0x9e37_79b9 * (k as u64 + 1),
+        streaming: k.is_multiple_of(2),
+        attempt: 0,
+        prompt_tokens: 16,
+    }
+}
+
+/// Canary and geo decisions on the synthetic topology (two versions, two regions).
+fn self_test_canary_geo(live: &mut Live, stages: &[wit::Stage], deadline: Duration) -> Result<(), String> {
+    let ticks = PluginEngine::ticks(deadline);
+    for k in 0..8u32 {
+        if stages.contains(&wit::Stage::Canary) {
+            let versions = [
+                wit::VersionStats { requests: 100 * k as u64, errors: k as u64, p99_latency_us: 200_000 },
+                wit::VersionStats { requests: 10 * k as u64, errors: 0, p99_latency_us: 210_000 },
+            ];
+            let v = live
+                .canary(ticks, self_test_request(k), &versions)
+                .map_err(|f| format!("self-test canary decision failed: {f}"))?;
+            if v >= 2 {
+                return Err(format!("self-test canary decision chose version {v}, but only 2 exist"));
+            }
+        }
+        if stages.contains(&wit::Stage::Geo) {
+            let regions = [
+                wit::RegionState { healthy: k % 4 != 1, load_permille: 100 * k },
+                wit::RegionState { healthy: true, load_permille: 0 },
+            ];
+            let d = live
+                .geo(ticks, self_test_request(k), &regions)
+                .map_err(|f| format!("self-test geo decision failed: {f}"))?;
+            if let wit::GeoDecision::Forward(i) = d
+                && i >= 2
+            {
+                return Err(format!("self-test geo decision chose region {i}, but only 2 exist"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Fallback decisions for each failure kind, at the start of the chain and past its end.

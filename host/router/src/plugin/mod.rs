@@ -27,7 +27,7 @@ use crate::select::{RequestFacts, Selector};
 use crate::upstream::{Circuit, EndpointSnapshot, now_ms};
 use engine::PluginEngine;
 use loader::{Loaded, Loader};
-use runtime::{Binding, Fault, wit};
+use runtime::{Binding, Fault, Shared, wit};
 
 /// Share of a window's calls that must have faulted for quarantine.
 const QUARANTINE_RATIO: f64 = 0.5;
@@ -41,11 +41,21 @@ pub const STAGES: [&str; 4] = ["balance", "canary", "geo", "fallback"];
 pub struct PluginSet {
     /// Balance-stage binding by model index.
     balance: Vec<Option<Arc<Binding>>>,
+    canary: Vec<Option<Arc<Binding>>>,
+    geo: Vec<Option<Arc<Binding>>>,
     /// Fallback-stage binding by model index.
     fallback: Vec<Option<Arc<Binding>>>,
 }
 
 impl PluginSet {
+    pub fn canary(&self, model: usize) -> Option<&Arc<Binding>> {
+        self.canary.get(model).and_then(|b| b.as_ref())
+    }
+
+    pub fn geo(&self, model: usize) -> Option<&Arc<Binding>> {
+        self.geo.get(model).and_then(|b| b.as_ref())
+    }
+
     pub fn balancer(&self, model: usize) -> Option<&Arc<Binding>> {
         self.balance.get(model).and_then(|b| b.as_ref())
     }
@@ -61,6 +71,8 @@ struct ModelBinding {
     /// Plugin name per stage (index into `STAGES`).
     stages: [Option<String>; 4],
     topology: wit::Topology,
+    /// Host state per stage, kept across plugin versions.
+    shared: [Arc<Shared>; 4],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,10 +141,35 @@ impl PluginHost {
         let pc = cfg.plugins.clone();
         let engine = PluginEngine::new(pc.memory_limit, pc.max_instances)?;
         let loader = Loader::new(engine, pc.cache_dir(), pc.deadline)?;
+        let share = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_canary_share_permille",
+                "Share of requests the canary version serves, as reported by the canary policy",
+            ),
+            &["model"],
+        )?;
+        registry.register(Box::new(share.clone()))?;
+        let transitions = IntCounterVec::new(
+            Opts::new("switchyard_canary_transitions_total", "Canary rollout state changes, by the phase entered"),
+            &["model", "phase"],
+        )?;
+        registry.register(Box::new(transitions.clone()))?;
         let models = cfg
             .models
             .iter()
             .map(|m| ModelBinding {
+                shared: std::array::from_fn(|stage| {
+                    let on_report = (stage == 1).then(|| {
+                        let share = share.with_label_values(&[m.name.get_ref()]);
+                        let transitions = transitions.clone();
+                        let model = m.name.get_ref().clone();
+                        Box::new(move |s: &wit::CanaryStatus| {
+                            share.set(s.share_permille as i64);
+                            transitions.with_label_values(&[&model, canary_phase_name(s.phase)]).inc();
+                        }) as runtime::ReportHook
+                    });
+                    Shared::new(on_report)
+                }),
                 model: m.name.get_ref().clone(),
                 stages: [
                     m.policy.balance.clone(),
@@ -140,7 +177,7 @@ impl PluginHost {
                     m.policy.geo.clone(),
                     m.policy.fallback.clone(),
                 ],
-                topology: topology_of(m),
+                topology: topology_of(m, cfg.geo.as_ref()),
             })
             .collect();
         let counter = |name: &str, help: &str, labels: &[&str]| -> anyhow::Result<IntCounterVec> {
@@ -330,15 +367,22 @@ impl PluginHost {
                     tracing::warn!(plugin = %name, model = %m.model, "plugin does not serve the {} stage", STAGES[index]);
                     return None;
                 }
-                Some(Arc::new(loaded.bind(self.next_uid.fetch_add(1, Relaxed), m.topology.clone(), self.cfg.deadline)))
+                Some(Arc::new(loaded.bind(
+                    self.next_uid.fetch_add(1, Relaxed),
+                    m.topology.clone(),
+                    self.cfg.deadline,
+                    m.shared[index].clone(),
+                )))
             })
         };
         let balance = self.models.iter().map(|m| bind(m, 0, wit::Stage::Balance)).collect();
+        let canary = self.models.iter().map(|m| bind(m, 1, wit::Stage::Canary)).collect();
+        let geo = self.models.iter().map(|m| bind(m, 2, wit::Stage::Geo)).collect();
         let fallback = self.models.iter().map(|m| bind(m, 3, wit::Stage::Fallback)).collect();
         for (name, e) in entries.iter() {
             self.metrics.active.with_label_values(&[name]).set(e.active.is_some() as i64);
         }
-        self.current.store(Arc::new(PluginSet { balance, fallback }));
+        self.current.store(Arc::new(PluginSet { balance, canary, geo, fallback }));
     }
 
     /// Takes a faulting version out and restores the one before it.
@@ -389,6 +433,26 @@ impl PluginHost {
             *w = (now, calls, 0);
             let _ = self.quarantine_tx.send((binding.name.to_string(), binding.sha256.clone()));
         }
+    }
+
+    /// The host state of `model`'s canary stage (`None` for an unknown model).
+    pub fn canary_shared(&self, model: usize) -> Option<&Arc<Shared>> {
+        self.models.get(model).map(|m| &m.shared[1])
+    }
+
+    /// The name of the plugin configured for `model`'s canary stage.
+    pub fn canary_plugin(&self, model: usize) -> Option<&str> {
+        self.models.get(model).and_then(|m| m.stages[1].as_deref())
+    }
+
+    /// How many regions `model`'s policies see.
+    pub fn region_count(&self, model: usize) -> usize {
+        self.models.get(model).map_or(0, |m| m.topology.regions.len())
+    }
+
+    /// The versions as `model`'s policies number them.
+    pub fn versions(&self, model: usize) -> &[String] {
+        self.models.get(model).map_or(&[], |m| &m.topology.versions)
     }
 
     /// The registry as `GET /admin/plugins` shows it.
@@ -453,24 +517,18 @@ fn list_components(dir: &Path) -> Vec<(String, PathBuf)> {
     out
 }
 
-fn topology_of(m: &crate::config::ModelConfig) -> wit::Topology {
-    let eps = m.endpoints.get_ref();
-    let mut regions: Vec<String> = Vec::new();
-    let mut versions: Vec<String> = Vec::new();
-    let index_of = |list: &mut Vec<String>, v: &str| -> u32 {
-        if let Some(i) = list.iter().position(|x| x == v) {
-            i as u32
-        } else {
-            list.push(v.to_string());
-            list.len() as u32 - 1
-        }
-    };
-    let endpoints = eps
+fn topology_of(m: &crate::config::ModelConfig, geo: Option<&crate::config::GeoConfig>) -> wit::Topology {
+    let (versions, version_of) = m.versions();
+    let (regions, region_of, local_region) = m.regions(geo);
+    let endpoints = m
+        .endpoints
+        .get_ref()
         .iter()
-        .map(|e| wit::EndpointInfo {
+        .enumerate()
+        .map(|(i, e)| wit::EndpointInfo {
             name: e.display_name(),
-            region: index_of(&mut regions, &e.region),
-            version: index_of(&mut versions, e.labels.get("version").map(String::as_str).unwrap_or("")),
+            region: region_of[i],
+            version: version_of[i],
             weight: e.weight,
             labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         })
@@ -478,10 +536,22 @@ fn topology_of(m: &crate::config::ModelConfig) -> wit::Topology {
     wit::Topology {
         model: m.name.get_ref().clone(),
         endpoints,
-        regions: regions.into_iter().map(|name| wit::RegionInfo { name, latitude: 0.0, longitude: 0.0 }).collect(),
-        local_region: 0,
+        regions: regions
+            .into_iter()
+            .map(|(name, latitude, longitude)| wit::RegionInfo { name, latitude, longitude })
+            .collect(),
+        local_region,
         versions,
         fallback_models: m.fallback.as_ref().map(|f| f.models.clone()).unwrap_or_default(),
+    }
+}
+
+pub fn canary_phase_name(p: wit::CanaryPhase) -> &'static str {
+    match p {
+        wit::CanaryPhase::Ramping => "ramping",
+        wit::CanaryPhase::Paused => "paused",
+        wit::CanaryPhase::Promoted => "promoted",
+        wit::CanaryPhase::RolledBack => "rolled-back",
     }
 }
 
@@ -489,7 +559,7 @@ fn topology_of(m: &crate::config::ModelConfig) -> wit::Topology {
 pub fn wit_request(facts: &RequestFacts<'_>) -> wit::Request {
     wit::Request {
         tenant: facts.tenant,
-        client_region: u32::MAX,
+        client_region: facts.client_region,
         prefix_hash: facts.prefix_hash,
         streaming: facts.stream,
         attempt: facts.attempt,

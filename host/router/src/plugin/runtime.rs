@@ -5,7 +5,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -22,10 +22,60 @@ wasmtime::component::bindgen!({
 pub use self::switchyard::policy::types as wit;
 pub use exports::switchyard::policy::plugin as abi;
 
-/// What a store carries: its limits and the plugin's name for log lines.
+/// What a store carries: its limits, the plugin's name for log lines, and the state the
+/// host keeps for the plugin's model and stage.
 pub struct StoreState {
     limits: StoreLimits,
     plugin: Arc<str>,
+    shared: Arc<Shared>,
+}
+
+/// Host slots per model and stage (`host.slot-*` in the contract).
+pub const SLOTS: usize = 64;
+
+/// State the host keeps for one model's stage, whichever policy version serves it: the
+/// shared slots every worker's instance reads and writes, the operator action waiting to
+/// be applied, and the last canary status the policy reported.
+pub struct Shared {
+    slots: [AtomicU64; SLOTS],
+    pending: Mutex<Option<wit::OperatorAction>>,
+    canary: Mutex<Option<CanaryReport>>,
+    /// Called with each canary report (metrics).
+    on_report: Option<ReportHook>,
+}
+
+/// What the host does with a canary report besides keeping it (metrics).
+pub type ReportHook = Box<dyn Fn(&wit::CanaryStatus) + Send + Sync>;
+
+/// A canary status as reported, and when (`now_ms` clock).
+#[derive(Clone)]
+pub struct CanaryReport {
+    pub status: wit::CanaryStatus,
+    pub at_ms: u64,
+}
+
+impl Shared {
+    pub fn new(on_report: Option<ReportHook>) -> Arc<Shared> {
+        Arc::new(Shared {
+            slots: std::array::from_fn(|_| AtomicU64::new(0)),
+            pending: Mutex::new(None),
+            canary: Mutex::new(None),
+            on_report,
+        })
+    }
+
+    /// Queues an operator action; the policy takes it on its next decision.
+    pub fn queue_action(&self, action: wit::OperatorAction) {
+        *self.pending.lock().unwrap() = Some(action);
+    }
+
+    pub fn pending_action(&self) -> Option<wit::OperatorAction> {
+        *self.pending.lock().unwrap()
+    }
+
+    pub fn canary_report(&self) -> Option<CanaryReport> {
+        self.canary.lock().unwrap().clone()
+    }
 }
 
 impl self::switchyard::policy::host::Host for StoreState {
@@ -48,6 +98,41 @@ impl self::switchyard::policy::host::Host for StoreState {
 
     fn random(&mut self) -> u64 {
         fastrand::u64(..)
+    }
+
+    fn slot_get(&mut self, slot: u32) -> u64 {
+        self.shared.slots.get(slot as usize).map_or(0, |s| s.load(SeqCst))
+    }
+
+    fn slot_set(&mut self, slot: u32, value: u64) {
+        if let Some(s) = self.shared.slots.get(slot as usize) {
+            s.store(value, SeqCst);
+        }
+    }
+
+    fn slot_swap(&mut self, slot: u32, current: u64, new: u64) -> bool {
+        self.shared.slots.get(slot as usize).is_some_and(|s| s.compare_exchange(current, new, SeqCst, SeqCst).is_ok())
+    }
+
+    fn take_operator_action(&mut self) -> Option<wit::OperatorAction> {
+        self.shared.pending.lock().unwrap().take()
+    }
+
+    fn report_canary(&mut self, mut status: wit::CanaryStatus) {
+        status.reason = status.reason.chars().take(512).collect();
+        status.share_permille = status.share_permille.min(1000);
+        tracing::info!(
+            plugin = &*self.plugin,
+            share_percent = status.share_permille as f64 / 10.0,
+            step = status.step,
+            phase = ?status.phase,
+            "canary: {}",
+            status.reason
+        );
+        if let Some(f) = &self.shared.on_report {
+            f(&status);
+        }
+        *self.shared.canary.lock().unwrap() = Some(CanaryReport { status, at_ms: crate::upstream::now_ms() });
     }
 }
 
@@ -131,13 +216,14 @@ impl Live {
         engine: &PluginEngine,
         pre: &InstancePre<StoreState>,
         name: &Arc<str>,
+        shared: &Arc<Shared>,
         config_json: &str,
         topology: &wit::Topology,
         init_deadline: Duration,
     ) -> Result<Live, Fault> {
         let limits =
             StoreLimitsBuilder::new().memory_size(engine.memory_limit).instances(4).trap_on_grow_failure(true).build();
-        let mut store = Store::new(&engine.engine, StoreState { limits, plugin: name.clone() });
+        let mut store = Store::new(&engine.engine, StoreState { limits, plugin: name.clone(), shared: shared.clone() });
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(PluginEngine::ticks(init_deadline));
         let policy = PolicyPre::new(pre.clone()).and_then(|p| p.instantiate(&mut store)).map_err(trap)?;
@@ -155,6 +241,26 @@ impl Live {
     pub fn balance(&mut self, deadline_ticks: u64, req: wit::Request, packed: &[u32]) -> Result<Vec<u32>, Fault> {
         self.store.set_epoch_deadline(deadline_ticks);
         self.policy.switchyard_policy_plugin().call_balance(&mut self.store, req, packed).map_err(trap)
+    }
+
+    pub fn canary(
+        &mut self,
+        deadline_ticks: u64,
+        req: wit::Request,
+        versions: &[wit::VersionStats],
+    ) -> Result<u32, Fault> {
+        self.store.set_epoch_deadline(deadline_ticks);
+        self.policy.switchyard_policy_plugin().call_canary(&mut self.store, req, versions).map_err(trap)
+    }
+
+    pub fn geo(
+        &mut self,
+        deadline_ticks: u64,
+        req: wit::Request,
+        regions: &[wit::RegionState],
+    ) -> Result<wit::GeoDecision, Fault> {
+        self.store.set_epoch_deadline(deadline_ticks);
+        self.policy.switchyard_policy_plugin().call_geo(&mut self.store, req, regions).map_err(trap)
     }
 
     pub fn fallback(
@@ -193,6 +299,8 @@ pub struct Binding {
     pub deadline: Duration,
     pub deadline_ticks: u64,
     pub stats: Arc<PluginStats>,
+    /// The host state of the model and stage this binding serves.
+    pub shared: Arc<Shared>,
 }
 
 /// Counters shared by every binding of one plugin version.
@@ -224,6 +332,7 @@ impl Binding {
                     &self.engine,
                     &self.pre,
                     &self.name,
+                    &self.shared,
                     &self.config_json,
                     &self.topology,
                     self.deadline.max(Duration::from_millis(50)),
@@ -254,6 +363,31 @@ impl Binding {
             return Err(Fault::Invalid("chose no endpoint although some are available".into()));
         }
         Ok(ranked)
+    }
+
+    /// Asks the policy which version serves the request (an index into the topology's
+    /// versions). `Err` means: no preference.
+    pub fn canary(self: &Arc<Self>, req: wit::Request, versions: &[wit::VersionStats]) -> Result<u32, Fault> {
+        self.stats.calls.fetch_add(1, Relaxed);
+        let ticks = self.deadline_ticks;
+        let v = self.with_live(|live| live.canary(ticks, req, versions))?;
+        if v as usize >= versions.len() {
+            return Err(Fault::Invalid(format!("version {v} out of range (there are {})", versions.len())));
+        }
+        Ok(v)
+    }
+
+    /// Asks the policy which region serves the request. `Err` means: serve locally.
+    pub fn geo(self: &Arc<Self>, req: wit::Request, regions: &[wit::RegionState]) -> Result<wit::GeoDecision, Fault> {
+        self.stats.calls.fetch_add(1, Relaxed);
+        let ticks = self.deadline_ticks;
+        let d = self.with_live(|live| live.geo(ticks, req, regions))?;
+        if let wit::GeoDecision::Forward(i) = d
+            && i as usize >= regions.len()
+        {
+            return Err(Fault::Invalid(format!("region {i} out of range (there are {})", regions.len())));
+        }
+        Ok(d)
     }
 
     /// Asks the policy what to do after a model of the request's chain failed. `Err` means:

@@ -5,6 +5,7 @@
 pub mod budget;
 pub mod health;
 pub mod state;
+pub mod versions;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -16,6 +17,7 @@ use crate::metrics::{EndpointMetrics, Metrics};
 use budget::RetryBudget;
 use state::FailureState;
 pub use state::{Circuit, Outcome};
+use versions::VersionStats;
 
 /// Milliseconds since the router started: the clock of every timestamp kept in atomics.
 pub fn now_ms() -> u64 {
@@ -203,6 +205,10 @@ pub struct Pool {
     pub model: String,
     pub endpoints: Vec<Arc<Endpoint>>,
     pub budget: RetryBudget,
+    /// Statistics per version (numbered as the policies number them) and each endpoint's
+    /// version.
+    pub versions: Vec<VersionStats>,
+    pub version_of: Vec<u32>,
     max_ejected_share: f64,
 }
 
@@ -216,7 +222,10 @@ impl Pool {
             .enumerate()
             .map(|(i, e)| Arc::new(Endpoint::new(i, &model, e, cfg, metrics)))
             .collect();
+        let (names, version_of) = cfg.versions();
         Pool {
+            versions: names.iter().map(|v| VersionStats::new(metrics, &model, v)).collect(),
+            version_of,
             model,
             endpoints,
             budget: RetryBudget::new(&cfg.retry),
@@ -227,6 +236,11 @@ impl Pool {
     pub fn snapshot_into(&self, now_ms: u64, out: &mut Vec<EndpointSnapshot>) {
         out.clear();
         out.extend(self.endpoints.iter().map(|e| e.snapshot(now_ms)));
+    }
+
+    /// Per-version statistics as the canary stage receives them.
+    pub fn version_stats(&self, now_ms: u64) -> Vec<crate::plugin::runtime::wit::VersionStats> {
+        self.versions.iter().map(|v| v.wit(now_ms)).collect()
     }
 
     pub fn any_available(&self, now_ms: u64) -> bool {
@@ -261,6 +275,9 @@ impl Pool {
         let sample = latency.as_secs_f64() * 1e6;
         let mut f = ep.failure.lock().unwrap();
         let effect = f.record(now, outcome, probe);
+        if let Some(v) = self.version_of.get(ep.index).and_then(|&v| self.versions.get(v as usize)) {
+            v.record(now, outcome, latency);
+        }
         ep.error_rate.store(f.error_rate(now).to_bits(), Relaxed);
         if outcome != Outcome::Cancelled {
             let old = ep.ewma_for_selection(now);
