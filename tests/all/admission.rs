@@ -69,6 +69,24 @@ async fn token_budget_is_corrected_from_the_answers_usage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_budget_is_corrected_from_what_a_stream_delivered() {
+    let up = Upstream::start("u").await;
+    let cfg = format!("[admission.tenants.sk-small]\ntokens_per_minute = 1000\n\n{}", config(&model("m", &[&up], "")));
+    let router = Router::start(&cfg).await;
+    let url = router.url("/v1/chat/completions");
+    // Each request may cost 600 tokens, but the stream delivers 3 content events.
+    let body = r#"{"model":"m","stream":true,"max_tokens":600,"messages":[{"role":"user","content":"hi"}]}"#;
+    for i in 0..6 {
+        let mut req = post_req(&url, body);
+        req.headers_mut().insert("authorization", "Bearer sk-small".parse().unwrap());
+        let (status, _, b) = send(&client(), req).await.unwrap();
+        // Charged at the estimate only, the third request would find the bucket in debt.
+        assert_eq!(status, 200, "request {i}: {}", String::from_utf8_lossy(&b));
+        assert!(String::from_utf8_lossy(&b).ends_with("data: [DONE]\n\n"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_model_sheds_with_503_and_admitted_requests_complete() {
     let slow = Upstream::start("slow").await;
     slow.script(|s| s.delay = Duration::from_millis(600));

@@ -55,9 +55,10 @@ impl RequestHead<'_> {
 
     /// What the request may cost in tokens, for the tenant's tokens-per-minute budget:
     /// the prompt estimate plus the completion it asks for (256 when it does not say).
-    pub fn token_estimate(&self) -> u32 {
-        let completion = self.max_completion_tokens.or(self.max_tokens).unwrap_or(256);
-        self.prompt_tokens().saturating_add(completion)
+    /// (prompt, completion) tokens the request may cost: the prompt's estimate plus the
+    /// completion it asks for at most (256 when it does not say).
+    pub fn token_estimate(&self) -> (u32, u32) {
+        (self.prompt_tokens(), self.max_completion_tokens.or(self.max_tokens).unwrap_or(256))
     }
 }
 

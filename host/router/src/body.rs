@@ -104,6 +104,18 @@ impl Resumable {
 
 type ModelMetricsHandle = crate::outcome::ModelMetrics;
 
+/// A stream that reached its end: settles the tenant's token charge from what the event
+/// log saw (usage, or one token per content event), then counts the request.
+fn finish_stream(record: &mut Option<RequestRecord>, resume: Option<&Resumable>) {
+    let Some(mut rec) = record.take() else { return };
+    if let Some(r) = resume
+        && rec.counts_tokens()
+    {
+        rec.settle_stream(r.log.usage_total, r.log.content_events);
+    }
+    rec.finish(Some(Instant::now()));
+}
+
 impl RelayBody {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -196,14 +208,10 @@ impl Body for RelayBody {
                     if let Some(a) = this.attempt.take() {
                         a.finish(*this.outcome, Some(*this.ttfb));
                     }
-                    if let Some(r) = this.record.take() {
-                        r.finish(Some(Instant::now()));
-                    }
-                    if let Some(r) = this.resume.as_mut() {
-                        let rest = r.log.flush();
-                        if !rest.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(rest))));
-                        }
+                    let rest = this.resume.as_mut().map(|r| r.log.flush()).unwrap_or_default();
+                    finish_stream(this.record, this.resume.as_deref());
+                    if !rest.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
                     }
                     return Poll::Ready(None);
                 }
@@ -223,9 +231,7 @@ impl Body for RelayBody {
             let Some(r) = this.resume.as_mut() else { return Poll::Ready(Some(Err(failure))) };
             if r.log.done {
                 // The upstream failed after its `[DONE]`: the client has the whole stream.
-                if let Some(rec) = this.record.take() {
-                    rec.finish(Some(Instant::now()));
-                }
+                finish_stream(this.record, Some(r));
                 return Poll::Ready(None);
             }
             let metrics = this.record.as_ref().map(|rec| rec.metrics().clone());
@@ -234,9 +240,7 @@ impl Body for RelayBody {
                 Some(Err(Some(end))) => {
                     // Everything was delivered but the end: finish the stream ourselves.
                     r.log.done = true;
-                    if let Some(rec) = this.record.take() {
-                        rec.finish(Some(Instant::now()));
-                    }
+                    finish_stream(this.record, Some(r));
                     return Poll::Ready(Some(Ok(Frame::data(end))));
                 }
                 _ => return Poll::Ready(Some(Err(failure))),

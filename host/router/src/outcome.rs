@@ -95,6 +95,17 @@ impl RequestRecord {
         }
     }
 
+    /// Corrects the charge from a stream: its reported usage when the upstream sent one,
+    /// else the prompt estimate plus the content events relayed (one token each).
+    pub fn settle_stream(&mut self, usage_total: Option<u32>, content_events: u32) {
+        if let Some(c) = self.charge.take() {
+            match usage_total {
+                Some(used) => c.settle(used),
+                None => c.settle_completion(content_events),
+            }
+        }
+    }
+
     pub fn answered(&mut self, endpoint: Option<Arc<str>>, status: u16, first_byte: Instant) {
         self.endpoint = endpoint;
         self.status = status;

@@ -140,15 +140,19 @@ impl Drop for Permit {
 /// Holds a slot of one model's concurrency limit; released on drop.
 pub struct ModelSlot(Arc<AtomicU32>);
 
+/// The model is at its concurrency limit.
+#[derive(Debug)]
+pub struct AtCapacity;
+
 impl ModelSlot {
     /// A slot of `counter` under `limit` (0: unlimited, no slot needed); `Err` when full.
-    pub fn take(counter: &Arc<AtomicU32>, limit: u32) -> Result<Option<ModelSlot>, ()> {
+    pub fn take(counter: &Arc<AtomicU32>, limit: u32) -> Result<Option<ModelSlot>, AtCapacity> {
         if limit == 0 {
             return Ok(None);
         }
         if counter.fetch_add(1, Ordering::Relaxed) >= limit {
             counter.fetch_sub(1, Ordering::Relaxed);
-            return Err(());
+            return Err(AtCapacity);
         }
         Ok(Some(ModelSlot(counter.clone())))
     }
@@ -164,13 +168,22 @@ impl Drop for ModelSlot {
 pub struct TokenCharge {
     admission: Arc<Admission>,
     tenant: u64,
-    estimate: u32,
+    prompt: u32,
+    completion: u32,
 }
 
 impl TokenCharge {
     /// Corrects the tenant's bucket from the estimate to what the answer says it used.
     pub fn settle(self, used: u32) {
-        self.admission.adjust_tokens(self.tenant, self.estimate as f64 - used as f64);
+        let estimate = self.prompt as f64 + self.completion as f64;
+        self.admission.adjust_tokens(self.tenant, estimate - used as f64);
+    }
+
+    /// Corrects the completion part only, for answers that say how much they generated but
+    /// not the total (a stream counted event by event).
+    pub fn settle_completion(self, generated: u32) {
+        let prompt = self.prompt;
+        self.settle(prompt.saturating_add(generated));
     }
 }
 
@@ -251,7 +264,13 @@ impl Admission {
 
     /// Gate 3: the tenant's tokens per minute. A tenant with tokens left may start a request
     /// that costs more than it has (the bucket goes into debt); one in debt waits.
-    pub fn charge_tokens(self: &Arc<Self>, tenant: u64, estimate: u32) -> Result<Option<TokenCharge>, ApiError> {
+    pub fn charge_tokens(
+        self: &Arc<Self>,
+        tenant: u64,
+        prompt: u32,
+        completion: u32,
+    ) -> Result<Option<TokenCharge>, ApiError> {
+        let estimate = prompt.saturating_add(completion);
         let rates = self.rates(tenant);
         if !rates.limits_tokens() {
             return Ok(None);
@@ -267,7 +286,7 @@ impl Admission {
             }
         });
         match wait {
-            None => Ok(Some(TokenCharge { admission: self.clone(), tenant, estimate })),
+            None => Ok(Some(TokenCharge { admission: self.clone(), tenant, prompt, completion })),
             Some(ms) => {
                 self.count(Rejection::TenantTokens);
                 Err(ApiError::rate_limited("tokens per minute", secs(ms)))
@@ -348,12 +367,12 @@ mod tests {
     #[test]
     fn token_debt_blocks_until_settled() {
         let a = Admission::new(&cfg(0.0, 1, 600), &Registry::new());
-        let c = a.charge_tokens(5, 1000).unwrap().expect("limited");
+        let c = a.charge_tokens(5, 200, 800).unwrap().expect("limited");
         // In debt: the next request waits.
-        assert_eq!(a.charge_tokens(5, 10).err().unwrap().status, 429);
+        assert_eq!(a.charge_tokens(5, 2, 8).err().unwrap().status, 429);
         // The answer used far fewer tokens than estimated: the refund clears the debt.
         c.settle(100);
-        assert!(a.charge_tokens(5, 10).unwrap().is_some());
+        assert!(a.charge_tokens(5, 2, 8).unwrap().is_some());
     }
 
     #[test]

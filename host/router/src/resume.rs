@@ -46,6 +46,8 @@ pub struct SseLog {
     pub content_events: u32,
     pub id: Option<String>,
     pub done: bool,
+    /// `usage.total_tokens` of the stream's usage event, when the upstream sent one.
+    pub usage_total: Option<u32>,
 }
 
 #[derive(serde::Deserialize)]
@@ -54,6 +56,13 @@ struct Chunk<'a> {
     id: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     choices: Vec<ChunkChoice<'a>>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(serde::Deserialize)]
+struct Usage {
+    total_tokens: u32,
 }
 
 #[derive(serde::Deserialize)]
@@ -118,6 +127,9 @@ impl SseLog {
             let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else { continue };
             if self.id.is_none() {
                 self.id = chunk.id.map(|c| c.into_owned());
+            }
+            if let Some(u) = chunk.usage {
+                self.usage_total = Some(u.total_tokens);
             }
             if let Some(c) = chunk.choices.first() {
                 let piece = c.delta.as_ref().and_then(|d| d.content.as_deref()).or(c.text.as_deref());
@@ -240,7 +252,7 @@ pub fn resume(ctx: &mut ResumeContext, body: Bytes, first_byte: Duration) -> Res
             let mut ranked = Vec::new();
             let _ = PowerOfTwoChoices.select(&facts, &snapshot, &mut ranked);
             sanitize(&mut ranked, &snapshot);
-            let Some(&index) = ranked.iter().find(|i| !tried.contains(i)) else { return None };
+            let &index = ranked.iter().find(|i| !tried.contains(i))?;
             tried.push(index);
             if !pool.budget.try_withdraw(now_ms()) {
                 model.metrics.budget_exhausted.inc();
@@ -287,6 +299,11 @@ mod tests {
         assert_eq!(log.content_events, 2);
         assert_eq!(log.id.as_deref(), Some("c1"));
         assert!(!log.done);
+        assert_eq!(log.usage_total, None);
+        log.accept(Bytes::from_static(
+            b"data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n",
+        ));
+        assert_eq!(log.usage_total, Some(7), "a usage event is read for the token budget");
         log.accept(Bytes::from_static(b"data: [DONE]\n\n"));
         assert!(log.done);
     }

@@ -396,7 +396,8 @@ impl Router {
         {
             return res;
         }
-        let charge = match self.admission.charge_tokens(tenant, head.token_estimate()) {
+        let (prompt_estimate, completion_estimate) = head.token_estimate();
+        let charge = match self.admission.charge_tokens(tenant, prompt_estimate, completion_estimate) {
             Ok(c) => c,
             Err(e) => return e.into_response(),
         };
@@ -490,7 +491,7 @@ impl Router {
             let limit = if step == 0 { started + chain.primary_timeout } else { budget_end };
             let facts = RequestFacts { model: &target.pool.model, attempt: step, ..facts };
             let Forwarded { mut response, failed } = match ModelSlot::take(&target.concurrency, target.max_in_flight) {
-                Err(()) => {
+                Err(_) => {
                     self.admission.count(Rejection::ModelConcurrency);
                     let e =
                         ApiError::overloaded(&format!("model {:?} is at its concurrency limit", target.pool.model), 1);

@@ -391,7 +391,7 @@ impl PluginHost {
         {
             let mut entries = self.entries.lock().unwrap();
             let Some(e) = entries.get_mut(name) else { return };
-            if !e.active.as_ref().is_some_and(|a| a.sha256 == sha) {
+            if e.active.as_ref().is_none_or(|a| a.sha256 != sha) {
                 return;
             }
             let bad = e.active.take().expect("checked above");
