@@ -124,6 +124,22 @@ async fn killed_shard_process_fails_over_is_restarted_and_serves_again() {
     assert!(
         router.metric("switchyard_local_restarts_total", &[("replica", "0"), ("shard", "1")]).await.unwrap() >= 1.0
     );
+
+    // A router killed outright leaves no shard process behind holding its ports.
+    let pids: Vec<u64> = replicas(&router).await.iter().filter_map(|p| p["pid"].as_u64()).collect();
+    assert_eq!(pids.len(), 4);
+    router.signal("KILL");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|&p| alive(p)) {
+        assert!(Instant::now() < deadline, "shard processes outlived their router: {pids:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a process exists and is not a zombie.
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
 }
 
 /// A stream from the real model survives its replica being killed mid-stream: the router

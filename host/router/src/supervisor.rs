@@ -188,6 +188,9 @@ impl Supervisor {
             }
             let mut cmd = Command::new(&self.binary);
             cmd.args(&p.args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).kill_on_drop(true);
+            // If the router dies without stopping it (SIGKILL, a crash), the shard exits too
+            // rather than hold its port against the next router.
+            cmd.env("SWITCHYARD_EXIT_WITH_PARENT", "1");
             let started = Instant::now();
             let mut child = match cmd.spawn() {
                 Ok(c) => c,

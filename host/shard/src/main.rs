@@ -143,8 +143,28 @@ fn set_threads(n: Option<usize>) {
     }
 }
 
+/// Set by a supervising router: exit when the process that started us goes away, so a
+/// router killed with SIGKILL leaves no shard behind holding its ports.
+const EXIT_WITH_PARENT_ENV: &str = "SWITCHYARD_EXIT_WITH_PARENT";
+
+fn exit_with_parent() {
+    let parent = std::os::unix::process::parent_id();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_millis(250));
+            if std::os::unix::process::parent_id() != parent {
+                eprintln!("switchyard-shard: parent process {parent} exited; exiting");
+                std::process::exit(0);
+            }
+        }
+    });
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if std::env::var_os(EXIT_WITH_PARENT_ENV).is_some() {
+        exit_with_parent();
+    }
     match cli.cmd {
         Cmd::Fetch { dest } => {
             let p = fetch::fetch(&dest)?;
