@@ -1,12 +1,13 @@
 //! The one place the wasmtime `Engine` is configured, and the only `unsafe` in the router.
 //!
 //! Pooling allocator (instances are cheap to create and recycle), epoch interruption (a
-//! call that overruns its deadline traps; a 1 ms ticker thread advances the epoch), a
-//! memory cap per instance, and no WASI anywhere.
+//! call that overruns its deadline traps; a 1 ms ticker thread advances the epoch while any
+//! instance exists, and sleeps otherwise), a memory cap per instance, and no WASI anywhere.
 #![allow(unsafe_code)]
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::Component;
@@ -18,6 +19,19 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub struct PluginEngine {
     pub engine: Engine,
     pub memory_limit: usize,
+    /// Instances alive now; the ticker runs only while there are some. A router with no
+    /// plugin loaded must not pay a thousand wake-ups a second on its cores.
+    live: Arc<AtomicUsize>,
+    ticker: std::thread::Thread,
+}
+
+/// Keeps the epoch ticker running while it lives (one per instance).
+pub struct TickerGuard(Arc<AtomicUsize>);
+
+impl Drop for TickerGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl PluginEngine {
@@ -41,14 +55,30 @@ impl PluginEngine {
             .wasm_backtrace_max_frames(None);
         let engine = Engine::new(&cfg).map_err(wt)?;
         let weak = engine.weak();
-        std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
+        let live = Arc::new(AtomicUsize::new(0));
+        let users = live.clone();
+        let ticker = std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
             while let Some(engine) = weak.upgrade() {
                 engine.increment_epoch();
                 drop(engine);
-                std::thread::sleep(EPOCH_TICK);
+                if users.load(Ordering::SeqCst) == 0 {
+                    // Woken by the next instance; the timeout lets the thread notice that
+                    // the engine is gone.
+                    std::thread::park_timeout(Duration::from_secs(1));
+                } else {
+                    std::thread::sleep(EPOCH_TICK);
+                }
             }
         })?;
-        Ok(Arc::new(PluginEngine { engine, memory_limit }))
+        Ok(Arc::new(PluginEngine { engine, memory_limit, live, ticker: ticker.thread().clone() }))
+    }
+
+    /// Called for each new instance: the ticker runs until every guard is dropped.
+    pub fn ticker_guard(&self) -> TickerGuard {
+        if self.live.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.ticker.unpark();
+        }
+        TickerGuard(self.live.clone())
     }
 
     /// Deadline in epoch ticks for a call allowed to run `d`.

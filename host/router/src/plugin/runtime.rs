@@ -165,6 +165,8 @@ pub fn foreign_imports(engine: &PluginEngine, component: &Component) -> Vec<Stri
 pub struct Live {
     store: Store<StoreState>,
     policy: Policy,
+    /// Keeps deadlines enforced while this instance exists.
+    _ticker: super::engine::TickerGuard,
 }
 
 /// Why a call did not produce a usable decision.
@@ -221,6 +223,7 @@ impl Live {
         topology: &wit::Topology,
         init_deadline: Duration,
     ) -> Result<Live, Fault> {
+        let ticker = engine.ticker_guard();
         let limits =
             StoreLimitsBuilder::new().memory_size(engine.memory_limit).instances(4).trap_on_grow_failure(true).build();
         let mut store = Store::new(&engine.engine, StoreState { limits, plugin: name.clone(), shared: shared.clone() });
@@ -230,7 +233,7 @@ impl Live {
         let api = policy.switchyard_policy_plugin();
         api.call_init(&mut store, config_json).map_err(trap)?.map_err(Fault::Init)?;
         api.call_set_topology(&mut store, topology).map_err(trap)?;
-        Ok(Live { store, policy })
+        Ok(Live { store, policy, _ticker: ticker })
     }
 
     pub fn info(&mut self, deadline: Duration) -> Result<wit::PluginInfo, Fault> {
