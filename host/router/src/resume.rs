@@ -239,16 +239,8 @@ pub fn resume(ctx: &mut ResumeContext, body: Bytes, first_byte: Duration) -> Res
         for _ in 0..attempts.max(1) {
             let mut snapshot = Vec::with_capacity(pool.endpoints.len());
             pool.snapshot_into(now_ms(), &mut snapshot);
-            let facts = RequestFacts {
-                model: &pool.model,
-                stream: true,
-                user: None,
-                tenant: 0,
-                prefix_hash: 0,
-                prompt_tokens: 0,
-                attempt: tried.len() as u32,
-                client_region: u32::MAX,
-            };
+            let facts =
+                RequestFacts { stream: true, attempt: tried.len() as u32, ..RequestFacts::anonymous(&pool.model) };
             let mut ranked = Vec::new();
             let _ = PowerOfTwoChoices.select(&facts, &snapshot, &mut ranked);
             sanitize(&mut ranked, &snapshot);

@@ -267,16 +267,7 @@ impl Router {
         let plugins = self.plugins.clone();
         let m = model.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let facts = RequestFacts {
-                model: &m.pool.model,
-                stream: false,
-                user: None,
-                tenant: 0,
-                prefix_hash: 0,
-                prompt_tokens: 0,
-                attempt: 0,
-                client_region: geo::NO_REGION,
-            };
+            let facts = RequestFacts::anonymous(&m.pool.model);
             if let Err(fault) = binding.canary(crate::plugin::wit_request(&facts), &m.pool.version_stats(now_ms())) {
                 plugins.record_fault(&m.pool.model, "canary", &binding, &fault);
             }

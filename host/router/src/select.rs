@@ -24,6 +24,23 @@ pub struct RequestFacts<'a> {
     pub client_region: u32,
 }
 
+impl<'a> RequestFacts<'a> {
+    /// A request of which nothing is known but its model: anonymous, no prompt, no region
+    /// (for decisions the router makes on its own behalf).
+    pub const fn anonymous(model: &'a str) -> RequestFacts<'a> {
+        RequestFacts {
+            model,
+            stream: false,
+            user: None,
+            tenant: 0,
+            prefix_hash: 0,
+            prompt_tokens: 0,
+            attempt: 0,
+            client_region: u32::MAX,
+        }
+    }
+}
+
 pub trait Selector: Send + Sync {
     /// Fills `ranked` with endpoint indices, most preferred first. Indices not in
     /// `endpoints`, duplicates and unavailable endpoints are dropped by the caller.
@@ -117,16 +134,7 @@ mod tests {
         }
     }
 
-    const FACTS: RequestFacts<'static> = RequestFacts {
-        model: "m",
-        stream: false,
-        user: None,
-        tenant: 0,
-        prefix_hash: 0,
-        prompt_tokens: 0,
-        attempt: 0,
-        client_region: u32::MAX,
-    };
+    const FACTS: RequestFacts<'static> = RequestFacts::anonymous("m");
 
     #[test]
     fn never_picks_unavailable_and_ranks_every_available_once() {
