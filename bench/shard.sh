@@ -12,7 +12,7 @@
 # (git-ignored). See bench/README.md.
 set -euo pipefail
 
-FORMATS="${FORMATS:-fused,native,q8_0,f32}"
+FORMATS="${FORMATS:-fused-q8,fused,native}"
 TOKENS="${TOKENS:-64}"              # completion tokens per request (ignore_eos: exactly this many)
 SHARDS="${SHARDS:-1,2,3}"           # pipeline stages for the single-stream runs
 STREAMS="${STREAMS:-1,4,8}"         # concurrent streams (1-stage replica)

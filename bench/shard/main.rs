@@ -1,10 +1,10 @@
 //! Benchmark of the shard server (`switchyard-shard`), run by `bench/shard.sh`.
 //!
 //! ```text
-//! shard run [--formats fused,native,q8_0,f32] [--tokens 64] [--shards 1,2,3] [--streams 1,4,8] ...
+//! shard run [--formats fused-q8,fused,native] [--tokens 64] [--shards 1,2,3] [--streams 1,4,8] ...
 //! shard reference --model M --tokens N     # one JSON line: candle-transformers, in process
 //! shard kernel --weights W --batch 1,4,8   # in-process decode steps of `Stage` (no HTTP)
-//! shard matmul --rows 1,8                  # the fused kernel alone over all the projections
+//! shard matmul --rows 1,8 [--q8]           # the fused kernel alone over all the projections
 //! ```
 //!
 //! `run` measures, for each weight format, against baselines taken in the same run:
@@ -73,6 +73,9 @@ enum Cmd {
         model: PathBuf,
         #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
         rows: Vec<usize>,
+        /// The `fused-q8` layout (tiles, 8-bit activations) instead of `fused`'s.
+        #[arg(long)]
+        q8: bool,
     },
 }
 
@@ -84,7 +87,7 @@ struct RunArgs {
     #[arg(long)]
     bin: Option<PathBuf>,
     /// Weight formats to measure, in order.
-    #[arg(long, default_value = "fused,native,q8_0,f32", value_delimiter = ',')]
+    #[arg(long, default_value = "fused-q8,fused,native", value_delimiter = ',')]
     formats: Vec<String>,
     /// Completion tokens per request (all requests use ignore_eos, so exactly this many).
     #[arg(long, default_value_t = 64)]
@@ -123,7 +126,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Kernel { model, weights, batch, tokens } => kernel(&model, weights.parse()?, &batch, tokens),
-        Cmd::Matmul { model, rows } => matmul(&model, &rows),
+        Cmd::Matmul { model, rows, q8 } => matmul(&model, &rows, q8),
     }
 }
 
@@ -230,14 +233,15 @@ fn kernel(model: &Path, fmt: WeightFormat, batches: &[usize], tokens: usize) -> 
     Ok(())
 }
 
-fn matmul(model: &Path, rows: &[usize]) -> Result<()> {
+fn matmul(model: &Path, rows: &[usize], q8: bool) -> Result<()> {
     use switchyard_shard::kernel::BlockMatrix;
     let (ct, mut file) = read_gguf(model)?;
     let mut mats = Vec::new();
     for name in ct.tensor_infos.keys() {
         if name.ends_with(".weight") && !name.contains("norm") {
             let qt = ct.tensor(&mut file, name, &Device::Cpu)?;
-            if let Some(b) = BlockMatrix::from_qtensor(&qt)? {
+            let b = if q8 { BlockMatrix::from_qtensor_tiled(&qt)? } else { BlockMatrix::from_qtensor(&qt)? };
+            if let Some(b) = b {
                 mats.push(b);
             }
         }

@@ -29,15 +29,18 @@ mod simd;
 #[cfg(switchyard_prebuilt_simd)]
 extern crate switchyard_shard_simd as simd;
 
-use simd::{Args, QK, dequantize};
-pub use simd::{Blocks, Isa, MAX_ROWS, attend};
+use simd::{Args, QK, TILE, TileArgs, Tiles, dequantize, dequantize_tiled};
+pub use simd::{Blocks, Isa, MAX_ROWS, QActs, attend, has_vnni};
 
-/// A weight matrix `[n, k]` (`n` output features, `k` inputs) as GGML blocks, row-major.
+/// A weight matrix `[n, k]` (`n` output features, `k` inputs) as GGML blocks: row-major as
+/// stored (the `fused` format, f32 activations), or repacked in tiles of 16 features (the
+/// `fused-q8` format, activations rounded to 8 bits; see [`simd::Tiles`]).
 pub struct BlockMatrix {
     blocks: Blocks,
     data: Vec<u8>,
     n: usize,
     k: usize,
+    tiled: bool,
 }
 
 impl BlockMatrix {
@@ -55,7 +58,23 @@ impl BlockMatrix {
         ensure!(k.is_multiple_of(QK), "rows of {k} values are not whole blocks");
         let data = qt.data()?.into_owned();
         ensure!(data.len() == n * (k / QK) * blocks.bytes(), "unexpected size of the block data");
-        Ok(Some(Self { blocks, data, n, k }))
+        Ok(Some(Self { blocks, data, n, k, tiled: false }))
+    }
+
+    /// As [`Self::from_qtensor`], repacked for the `fused-q8` kernel; `None` also when `n` is
+    /// not a multiple of 16.
+    pub fn from_qtensor_tiled(qt: &QTensor) -> Result<Option<Self>> {
+        let Some(rows) = Self::from_qtensor(qt)? else { return Ok(None) };
+        if !rows.n.is_multiple_of(TILE) {
+            return Ok(None);
+        }
+        let data = simd::repack(rows.blocks, &rows.data, rows.n, rows.k);
+        Ok(Some(Self { data, tiled: true, ..rows }))
+    }
+
+    /// Whether the matrix is in the `fused-q8` tiled layout.
+    pub fn tiled(&self) -> bool {
+        self.tiled
     }
 
     pub fn dims(&self) -> (usize, usize) {
@@ -72,8 +91,12 @@ impl BlockMatrix {
         let bytes = self.blocks.bytes();
         let mut w = [0f32; QK];
         for (b, out) in out.chunks_exact_mut(QK).enumerate().take(nb) {
-            let off = (j * nb + b) * bytes;
-            dequantize(self.blocks, &self.data[off..off + bytes], &mut w);
+            if self.tiled {
+                dequantize_tiled(Tiles::of(self.blocks), &self.data, nb, j, b, &mut w);
+            } else {
+                let off = (j * nb + b) * bytes;
+                dequantize(self.blocks, &self.data[off..off + bytes], &mut w);
+            }
             out.copy_from_slice(&w);
         }
     }
@@ -90,6 +113,10 @@ impl BlockMatrix {
         let m = x.len() / self.k;
         ensure!(y.len() == m * self.n, "output has {} values, want {}x{}", y.len(), m, self.n);
         if m == 0 {
+            return Ok(());
+        }
+        if self.tiled {
+            self.matmul_tiled(isa, x, y);
             return Ok(());
         }
         let out = OutPtr(y.as_mut_ptr());
@@ -119,6 +146,39 @@ impl BlockMatrix {
             candle_core::utils::barrier_pool().execute_chunked(self.n, run);
         }
         Ok(())
+    }
+}
+
+impl BlockMatrix {
+    /// The `fused-q8` product: `x` rounded to 8 bits per block once, then integer dot
+    /// products per tile of 16 features (checked by `matmul_isa`).
+    fn matmul_tiled(&self, isa: Isa, x: &[f32], y: &mut [f32]) {
+        let m = x.len() / self.k;
+        let mut acts = QActs::default();
+        acts.quantize(x, self.k);
+        let out = OutPtr(y.as_mut_ptr());
+        let run = |tiles: Range<usize>| {
+            let out = &out;
+            for r0 in (0..m).step_by(isa.rows()) {
+                let a = TileArgs {
+                    w: &self.data,
+                    tiles: Tiles::of(self.blocks),
+                    n: self.n,
+                    x: &acts,
+                    rows: r0..(r0 + isa.rows()).min(m),
+                    tile_range: tiles.clone(),
+                    y: out.0,
+                };
+                // SAFETY: as in `matmul_isa`: `isa` available, buffers match `a`, and the
+                // threads write disjoint tiles of `y`.
+                unsafe { simd::run_tiles(isa, &a) };
+            }
+        };
+        if m * self.n * self.k < 1 << 16 {
+            run(0..self.n / TILE);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(self.n / TILE, run);
+        }
     }
 }
 

@@ -85,11 +85,12 @@ struct ServeArgs {
     /// Do not insert SmolLM2's default system prompt into chats without a system message.
     #[arg(long)]
     no_default_system_prompt: bool,
-    /// Weight format: `fused` (the blocks as stored, switchyard's batched kernel with f32
-    /// activations; fastest), `native` (candle's quantized kernels, bit-exact with
-    /// candle-transformers), `q8_0` (Q4_1 re-quantized to Q8_0), `f32` / `f16` (dequantized
-    /// at load, candle's dense matmul). See host/shard/README.md.
-    #[arg(long, default_value = "fused")]
+    /// Weight format: `fused-q8` (the blocks repacked in tiles, switchyard's batched kernel
+    /// with 8-bit activations and integer dot products; fastest), `fused` (the blocks as
+    /// stored, the same kernel with f32 activations), `native` (candle's quantized kernels,
+    /// bit-exact with candle-transformers), `q8_0` (Q4_1 re-quantized to Q8_0), `f32` / `f16`
+    /// (dequantized at load, candle's dense matmul). See host/shard/README.md.
+    #[arg(long, default_value = "fused-q8")]
     weights: String,
     /// CPU threads for candle in this process (and, with --spawn-shards, in each stage).
     /// Default: all cores; with --spawn-shards N and the fused format, cores / N.
@@ -115,8 +116,9 @@ struct StageArgs {
     index: usize,
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight format: fused, native, q8_0, f32 or f16 (see `serve --help`); the head's.
-    #[arg(long, default_value = "fused")]
+    /// Weight format: fused-q8, fused, native, q8_0, f32 or f16 (see `serve --help`); the
+    /// head's.
+    #[arg(long, default_value = "fused-q8")]
     weights: String,
     /// CPU threads for candle in this process (default: all cores).
     #[arg(long)]
@@ -231,7 +233,7 @@ fn run_head(a: ServeArgs) -> Result<()> {
     // more, so it gets cores / N.
     let shards = a.spawn_shards.filter(|&n| n > 1);
     let threads = Some(a.threads.unwrap_or_else(|| match shards {
-        Some(n) if weights == model::WeightFormat::Fused => (cores() / n).max(1),
+        Some(n) if weights.is_fused() => (cores() / n).max(1),
         _ => cores(),
     }));
     if shards.is_some() && std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {

@@ -189,7 +189,7 @@ fn scalar(a: &Args, blocks: Blocks) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Args, QK};
+    use super::{Args, QK, TILE, TileArgs};
 
     /// `d` (and for Q4_1 `m`) of the block at `p`, broadcast.
     #[inline]
@@ -265,6 +265,154 @@ mod x86 {
                 }
                 for r in 0..R {
                     *a.y.add((a.rows.start + r) * a.n + j) = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r]));
+                }
+            }
+        }
+    }
+
+    /// The tiled kernel with AVX-512 VNNI: up to 8 rows per pass over a tile's weights.
+    pub(super) unsafe fn tiles_vnni<const Q4: bool>(a: &TileArgs) {
+        unsafe {
+            match a.rows.len() {
+                1 => tiles_vnni_rows::<Q4, 1>(a),
+                2 => tiles_vnni_rows::<Q4, 2>(a),
+                3 => tiles_vnni_rows::<Q4, 3>(a),
+                4 => tiles_vnni_rows::<Q4, 4>(a),
+                5 => tiles_vnni_rows::<Q4, 5>(a),
+                6 => tiles_vnni_rows::<Q4, 6>(a),
+                7 => tiles_vnni_rows::<Q4, 7>(a),
+                8 => tiles_vnni_rows::<Q4, 8>(a),
+                r => unreachable!("{r} rows"),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn tiles_vnni_rows<const Q4: bool, const R: usize>(a: &TileArgs) {
+        unsafe {
+            let (k, tb) = (a.x.k, a.tiles.bytes());
+            let nb = k / QK;
+            let mask = _mm512_set1_epi8(0x0f);
+            let r0 = a.rows.start;
+            for t in a.tile_range.clone() {
+                let mut f = [_mm512_setzero_ps(); R];
+                let tile = a.w.as_ptr().add(t * nb * tb);
+                for b in 0..nb {
+                    let p = tile.add(b * tb);
+                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+                    // Weight vectors, one per group of 4 inputs of the block.
+                    let mut w = [_mm512_setzero_si512(); 8];
+                    if Q4 {
+                        for j in 0..4 {
+                            let v = _mm512_loadu_si512(p.add(64 + 64 * j) as *const _);
+                            w[j] = _mm512_and_si512(v, mask);
+                            w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                        }
+                    } else {
+                        for (g, w) in w.iter_mut().enumerate() {
+                            *w = _mm512_loadu_si512(p.add(32 + 64 * g) as *const _);
+                        }
+                    }
+                    for r in 0..R {
+                        let row = r0 + r;
+                        let xq = a.x.q.as_ptr().add(row * k + b * QK) as *const i32;
+                        let x = |g: usize| _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g)));
+                        let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], x(0));
+                        let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], x(1));
+                        s0 = _mm512_dpbusd_epi32(s0, w[2], x(2));
+                        s1 = _mm512_dpbusd_epi32(s1, w[3], x(3));
+                        s0 = _mm512_dpbusd_epi32(s0, w[4], x(4));
+                        s1 = _mm512_dpbusd_epi32(s1, w[5], x(5));
+                        s0 = _mm512_dpbusd_epi32(s0, w[6], x(6));
+                        s1 = _mm512_dpbusd_epi32(s1, w[7], x(7));
+                        let mut s = _mm512_add_epi32(s0, s1);
+                        if !Q4 {
+                            s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * a.x.qs[row * nb + b]));
+                        }
+                        let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.x.d[row * nb + b]));
+                        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, f[r]);
+                        if Q4 {
+                            let m = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i));
+                            f[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.x.s[row * nb + b]), f[r]);
+                        }
+                    }
+                }
+                for (r, f) in f.iter().enumerate() {
+                    _mm512_storeu_ps(a.y.add((r0 + r) * a.n + t * TILE), *f);
+                }
+            }
+        }
+    }
+
+    pub(super) unsafe fn tiles_avx2<const Q4: bool>(a: &TileArgs) {
+        unsafe {
+            match a.rows.len() {
+                1 => tiles_avx2_rows::<Q4, 1>(a),
+                2 => tiles_avx2_rows::<Q4, 2>(a),
+                3 => tiles_avx2_rows::<Q4, 3>(a),
+                4 => tiles_avx2_rows::<Q4, 4>(a),
+                r => unreachable!("{r} rows"),
+            }
+        }
+    }
+
+    /// `vpdpbusd` on one 256-bit half (8 features): `maddubs` then `madd` by ones, exact
+    /// for unsigned nibbles (Q8_0 bytes go through here as two nibbles).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot4(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    }
+
+    /// The tiled kernel with AVX2, one half-tile (8 features) at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tiles_avx2_rows<const Q4: bool, const R: usize>(a: &TileArgs) {
+        unsafe {
+            let (k, tb) = (a.x.k, a.tiles.bytes());
+            let nb = k / QK;
+            let mask = _mm256_set1_epi8(0x0f);
+            let r0 = a.rows.start;
+            for t in a.tile_range.clone() {
+                let tile = a.w.as_ptr().add(t * nb * tb);
+                for h in 0..2 {
+                    let mut f = [_mm256_setzero_ps(); R];
+                    for b in 0..nb {
+                        let p = tile.add(b * tb);
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * h) as *const __m128i));
+                        let chunk = |c: usize| _mm256_loadu_si256(p.add(c + 32 * h) as *const __m256i);
+                        for r in 0..R {
+                            let row = r0 + r;
+                            let xq = a.x.q.as_ptr().add(row * k + b * QK) as *const i32;
+                            let x = |g: usize| _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(g)));
+                            let mut s = _mm256_setzero_si256();
+                            if Q4 {
+                                for j in 0..4 {
+                                    let v = chunk(64 + 64 * j);
+                                    s = _mm256_add_epi32(s, dot4(_mm256_and_si256(v, mask), x(j)));
+                                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                                    s = _mm256_add_epi32(s, dot4(hi, x(j + 4)));
+                                }
+                            } else {
+                                for g in 0..8 {
+                                    let v = chunk(32 + 64 * g);
+                                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                                    let lo = _mm256_and_si256(v, mask);
+                                    let part = _mm256_add_epi32(_mm256_slli_epi32(dot4(hi, x(g)), 4), dot4(lo, x(g)));
+                                    s = _mm256_add_epi32(s, part);
+                                }
+                                s = _mm256_sub_epi32(s, _mm256_set1_epi32(128 * a.x.qs[row * nb + b]));
+                            }
+                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.x.d[row * nb + b]));
+                            f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, f[r]);
+                            if Q4 {
+                                let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(32 + 16 * h) as *const __m128i));
+                                f[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.x.s[row * nb + b]), f[r]);
+                            }
+                        }
+                    }
+                    for (r, f) in f.iter().enumerate() {
+                        _mm256_storeu_ps(a.y.add((r0 + r) * a.n + t * TILE + 8 * h), *f);
+                    }
                 }
             }
         }
@@ -381,6 +529,252 @@ mod x86 {
                 for r in 0..R {
                     *a.y.add((a.rows.start + r) * a.n + j) = hsum256(_mm256_add_ps(lo[r], hi[r]));
                 }
+            }
+        }
+    }
+}
+
+/// Output features per tile of the `fused-q8` layout.
+pub const TILE: usize = 16;
+
+/// The `fused-q8` layout: a weight matrix repacked in tiles of [`TILE`] output features, so
+/// that one 64-byte vector holds 4 consecutive inputs of each of the 16 features and an 8-bit
+/// dot-product instruction (`vpdpbusd`) adds 4 products into each feature's lane: no
+/// horizontal sums, and one pass over a tile's weights serves every activation row. Tile `t`
+/// holds its blocks in order (`k / 32` of them), each of [`Tiles::bytes`] bytes:
+///
+/// - `Q4_1`: `d` of the 16 features (f16), `m` (f16), then 4 chunks of 64 bytes; byte
+///   `4c + i` of chunk `j` is feature `c`'s stored byte `4j + i` unchanged (low nibble: input
+///   `4j + i`, high nibble: input `16 + 4j + i`).
+/// - `Q8_0`: `d` (f16), then 8 chunks of 64 bytes; byte `4c + i` of chunk `g` is feature
+///   `c`'s value `4g + i` plus 128 (an unsigned byte, as `vpdpbusd` wants; the kernel takes
+///   `128 · Σx` back off in integers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tiles {
+    Q4_1,
+    Q8_0,
+}
+
+impl Tiles {
+    /// Bytes of one block of one tile (16 features × 32 inputs).
+    pub const fn bytes(self) -> usize {
+        match self {
+            Tiles::Q4_1 => 64 + 4 * 64,
+            Tiles::Q8_0 => 32 + 8 * 64,
+        }
+    }
+
+    pub fn of(blocks: Blocks) -> Tiles {
+        match blocks {
+            Blocks::Q4_1 => Tiles::Q4_1,
+            Blocks::Q8_0 => Tiles::Q8_0,
+        }
+    }
+}
+
+/// Repacks `n × k` values stored as GGML `blocks` (row-major) into tiles; `n` must be a
+/// multiple of [`TILE`] and `k` of [`QK`].
+pub fn repack(blocks: Blocks, data: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let (nb, bytes, tiles) = (k / QK, blocks.bytes(), Tiles::of(blocks));
+    let tb = tiles.bytes();
+    let mut out = vec![0u8; n / TILE * nb * tb];
+    for t in 0..n / TILE {
+        for b in 0..nb {
+            let o = &mut out[(t * nb + b) * tb..][..tb];
+            for c in 0..TILE {
+                let src = &data[((t * TILE + c) * nb + b) * bytes..][..bytes];
+                o[2 * c..2 * c + 2].copy_from_slice(&src[..2]);
+                match tiles {
+                    Tiles::Q4_1 => {
+                        o[32 + 2 * c..34 + 2 * c].copy_from_slice(&src[2..4]);
+                        for j in 0..4 {
+                            o[64 + 64 * j + 4 * c..][..4].copy_from_slice(&src[4 + 4 * j..][..4]);
+                        }
+                    }
+                    Tiles::Q8_0 => {
+                        for g in 0..8 {
+                            for i in 0..4 {
+                                o[32 + 64 * g + 4 * c + i] = src[2 + 4 * g + i] ^ 0x80;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Feature `j`'s values of block `b` from the tiled layout, dequantized as candle does.
+pub fn dequantize_tiled(tiles: Tiles, w: &[u8], nb: usize, j: usize, b: usize, out: &mut [f32; QK]) {
+    let (t, c) = (j / TILE, j % TILE);
+    let p = &w[(t * nb + b) * tiles.bytes()..][..tiles.bytes()];
+    let d = f16_to_f32(u16::from_le_bytes([p[2 * c], p[2 * c + 1]]));
+    match tiles {
+        Tiles::Q4_1 => {
+            let m = f16_to_f32(u16::from_le_bytes([p[32 + 2 * c], p[33 + 2 * c]]));
+            for j in 0..4 {
+                for i in 0..4 {
+                    let q = p[64 + 64 * j + 4 * c + i];
+                    out[4 * j + i] = (q & 0x0f) as f32 * d + m;
+                    out[16 + 4 * j + i] = (q >> 4) as f32 * d + m;
+                }
+            }
+        }
+        Tiles::Q8_0 => {
+            for (v, o) in out.iter_mut().enumerate() {
+                *o = ((p[32 + 64 * (v / 4) + 4 * c + v % 4] ^ 0x80) as i8) as f32 * d;
+            }
+        }
+    }
+}
+
+/// Activation rows rounded to 8 bits per block of 32 (as ggml's `q8_0`, with the scale
+/// kept in f32): value `i` of block `b` of row `r` is about `d[r·nb + b] · q[r·k + 32b + i]`.
+#[derive(Default)]
+pub struct QActs {
+    pub k: usize,
+    pub q: Vec<i8>,
+    /// Scale per block.
+    pub d: Vec<f32>,
+    /// Sum of the block's rounded values, scaled (`d · Σq`: the `m` term of Q4_1 weights;
+    /// the exact sum would leave the rounding errors weighted by `w - m` instead of `w`,
+    /// about twice as large for Q4_1's blocks).
+    pub s: Vec<f32>,
+    /// Sum of the block's rounded values (takes the Q8_0 tiles' +128 back off).
+    pub qs: Vec<i32>,
+}
+
+impl QActs {
+    /// Rounds `x` (rows of `k` values) in place of what `self` held. Scalar code on every
+    /// instruction set, so the rounded values never depend on the CPU.
+    pub fn quantize(&mut self, x: &[f32], k: usize) {
+        let nb = x.len() / QK;
+        self.k = k;
+        self.q.resize(x.len(), 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        self.qs.resize(nb, 0);
+        for (b, xb) in x.chunks_exact(QK).enumerate() {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut qs = 0i32;
+            for (q, &v) in self.q[b * QK..][..QK].iter_mut().zip(xb) {
+                *q = (v * id).round() as i8;
+                qs += *q as i32;
+            }
+            (self.d[b], self.s[b], self.qs[b]) = (d, d * qs as f32, qs);
+        }
+    }
+}
+
+/// One call of the tiled kernel: rows `rows` of `x` (at most [`Isa::rows`]) times tiles
+/// `tiles_range` of `w`, written to `y` (`[m, n]`).
+pub struct TileArgs<'a> {
+    pub w: &'a [u8],
+    pub tiles: Tiles,
+    pub n: usize,
+    pub x: &'a QActs,
+    pub rows: Range<usize>,
+    pub tile_range: Range<usize>,
+    pub y: *mut f32,
+}
+
+/// Whether this CPU has the 8-bit dot product of AVX-512 (`vpdpbusd`); without it the
+/// `Avx512` instruction set runs the tiled kernel's AVX2 code (the same numbers).
+pub fn has_vnni() -> bool {
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Runs one call of the tiled kernel. Every instruction set computes, per feature and row,
+/// exact integer block sums, then `f = fma(Σ, d·dx, f)` (and `f = fma(m, s, f)` for Q4_1)
+/// block after block: the results are identical across instruction sets, batch sizes and
+/// threads.
+///
+/// # Safety
+/// As [`run`]: `isa` available, `w`, `x` and `y` holding what `a` names, no other thread
+/// writing the same elements of `y`.
+pub unsafe fn run_tiles(isa: Isa, a: &TileArgs) {
+    debug_assert!(a.rows.len() <= isa.rows() && a.x.k.is_multiple_of(QK));
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: forwarded from the caller; the AVX-512 path only where VNNI is present.
+        unsafe {
+            match (isa, a.tiles) {
+                (Isa::Avx512, Tiles::Q4_1) if has_vnni() => return x86::tiles_vnni::<true>(a),
+                (Isa::Avx512, Tiles::Q8_0) if has_vnni() => return x86::tiles_vnni::<false>(a),
+                (Isa::Avx512 | Isa::Avx2, _) => {
+                    for r0 in a.rows.clone().step_by(Isa::Avx2.rows()) {
+                        let rows = r0..(r0 + Isa::Avx2.rows()).min(a.rows.end);
+                        let sub = TileArgs { rows, tile_range: a.tile_range.clone(), ..*a };
+                        match a.tiles {
+                            Tiles::Q4_1 => x86::tiles_avx2::<true>(&sub),
+                            Tiles::Q8_0 => x86::tiles_avx2::<false>(&sub),
+                        }
+                    }
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+    let _ = isa;
+    tiles_scalar(a)
+}
+
+fn tiles_scalar(a: &TileArgs) {
+    let (k, tb) = (a.x.k, a.tiles.bytes());
+    let nb = k / QK;
+    for t in a.tile_range.clone() {
+        for r in a.rows.clone() {
+            let mut f = [0f32; TILE];
+            for b in 0..nb {
+                let p = &a.w[(t * nb + b) * tb..][..tb];
+                let xq = &a.x.q[r * k + b * QK..][..QK];
+                let dx = a.x.d[r * nb + b];
+                for (c, f) in f.iter_mut().enumerate() {
+                    let d = f16_to_f32(u16::from_le_bytes([p[2 * c], p[2 * c + 1]]));
+                    let mut acc = 0i32;
+                    match a.tiles {
+                        Tiles::Q4_1 => {
+                            for j in 0..4 {
+                                for i in 0..4 {
+                                    let q = p[64 + 64 * j + 4 * c + i];
+                                    acc += (q & 0x0f) as i32 * xq[4 * j + i] as i32;
+                                    acc += (q >> 4) as i32 * xq[16 + 4 * j + i] as i32;
+                                }
+                            }
+                        }
+                        Tiles::Q8_0 => {
+                            for g in 0..8 {
+                                for i in 0..4 {
+                                    acc += p[32 + 64 * g + 4 * c + i] as i32 * xq[4 * g + i] as i32;
+                                }
+                            }
+                            acc -= 128 * a.x.qs[r * nb + b];
+                        }
+                    }
+                    *f = (acc as f32).mul_add(d * dx, *f);
+                    if a.tiles == Tiles::Q4_1 {
+                        let m = f16_to_f32(u16::from_le_bytes([p[32 + 2 * c], p[33 + 2 * c]]));
+                        *f = m.mul_add(a.x.s[r * nb + b], *f);
+                    }
+                }
+            }
+            for (c, f) in f.iter().enumerate() {
+                // SAFETY: (r, feature) is inside `y` and written by this thread only.
+                unsafe { *a.y.add(r * a.n + t * TILE + c) = *f };
             }
         }
     }
