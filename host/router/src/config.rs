@@ -446,7 +446,8 @@ pub struct LocalReplicas {
     pub base_port: u16,
     /// The shard server executable; default: `switchyard-shard` beside `switchyard`.
     pub binary: Option<PathBuf>,
-    /// CPU threads per shard process; default: cores / (replicas × shards), at least 1.
+    /// CPU threads per shard process; default: cores / replicas, at least 1 (the stages of a
+    /// replica compute in turn).
     pub threads: Option<u32>,
     /// Extra arguments for every shard process.
     #[serde(default)]

@@ -61,6 +61,8 @@ pub struct Process {
     pub last_exit: Mutex<Option<String>>,
     backoff: Duration,
     max_backoff: Duration,
+    /// One of several stages of a replica (they take turns on the same cores).
+    staged: bool,
 }
 
 pub struct Supervisor {
@@ -86,7 +88,9 @@ impl Supervisor {
             binary = Some(l.binary.clone().unwrap_or_else(default_binary));
             let model = m.name.get_ref().clone();
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-            let threads = l.threads.unwrap_or((cores / (l.replicas * l.shards)).max(1));
+            // The stages of one replica compute one after the other (the head drives them in
+            // turn), so each gets the replica's share of the cores; replicas run side by side.
+            let threads = l.threads.unwrap_or((cores / l.replicas).max(1));
             for r in 0..l.replicas {
                 let base = head_port(l, r);
                 let split = |i: u32| i * l.layers / l.shards;
@@ -191,6 +195,11 @@ impl Supervisor {
             // If the router dies without stopping it (SIGKILL, a crash), the shard exits too
             // rather than hold its port against the next router.
             cmd.env("SWITCHYARD_EXIT_WITH_PARENT", "1");
+            if p.staged && std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+                // Stages of a replica take turns on the same cores: an idle stage's thread
+                // pool must park soon instead of spinning on a core the busy stage needs.
+                cmd.env("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000");
+            }
             let started = Instant::now();
             let mut child = match cmd.spawn() {
                 Ok(c) => c,
@@ -277,6 +286,7 @@ impl Process {
             pid: AtomicU32::new(0),
             restarts: AtomicU64::new(0),
             last_exit: Mutex::new(None),
+            staged: l.shards > 1,
         }
     }
 

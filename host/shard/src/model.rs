@@ -403,7 +403,12 @@ impl Stage {
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
             let w1 = layer.w1.forward(&h)?;
             let w3 = layer.w3.forward(&h)?;
-            let mlp = layer.w2.forward(&(candle_nn::ops::silu(&w1)? * w3)?)?;
+            let gate = if self.device.is_cpu() && matches!(layer.w1, Proj::Fused(_)) {
+                w1.apply_op2_no_bwd(&w3, &crate::kernel::SiluMul)?
+            } else {
+                (candle_nn::ops::silu(&w1)? * w3)?
+            };
+            let mlp = layer.w2.forward(&gate)?;
             x = (mlp + residual)?;
         }
         for c in chunks.iter_mut() {

@@ -313,29 +313,43 @@ mod x86 {
                             *w = _mm512_loadu_si512(p.add(32 + 64 * g) as *const _);
                         }
                     }
-                    for r in 0..R {
-                        let row = r0 + r;
-                        let xq = a.x.q.as_ptr().add(row * k + b * QK) as *const i32;
-                        let x = |g: usize| _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g)));
-                        let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], x(0));
-                        let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], x(1));
-                        s0 = _mm512_dpbusd_epi32(s0, w[2], x(2));
-                        s1 = _mm512_dpbusd_epi32(s1, w[3], x(3));
-                        s0 = _mm512_dpbusd_epi32(s0, w[4], x(4));
-                        s1 = _mm512_dpbusd_epi32(s1, w[5], x(5));
-                        s0 = _mm512_dpbusd_epi32(s0, w[6], x(6));
-                        s1 = _mm512_dpbusd_epi32(s1, w[7], x(7));
-                        let mut s = _mm512_add_epi32(s0, s1);
-                        if !Q4 {
-                            s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * a.x.qs[row * nb + b]));
-                        }
-                        let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.x.d[row * nb + b]));
-                        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, f[r]);
-                        if Q4 {
-                            let m = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i));
-                            f[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.x.s[row * nb + b]), f[r]);
-                        }
+                    let m = if Q4 { _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i)) } else { d };
+                    // One row; expanded once per row index below (constant indices keep the
+                    // accumulators in registers, where a loop over `r` spilled them).
+                    macro_rules! row {
+                        ($r:literal) => {
+                            if $r < R {
+                                let row = r0 + $r;
+                                let xq = a.x.q.as_ptr().add(row * k + b * QK) as *const i32;
+                                let x = |g: usize| _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g)));
+                                let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], x(0));
+                                let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], x(1));
+                                s0 = _mm512_dpbusd_epi32(s0, w[2], x(2));
+                                s1 = _mm512_dpbusd_epi32(s1, w[3], x(3));
+                                s0 = _mm512_dpbusd_epi32(s0, w[4], x(4));
+                                s1 = _mm512_dpbusd_epi32(s1, w[5], x(5));
+                                s0 = _mm512_dpbusd_epi32(s0, w[6], x(6));
+                                s1 = _mm512_dpbusd_epi32(s1, w[7], x(7));
+                                let mut s = _mm512_add_epi32(s0, s1);
+                                if !Q4 {
+                                    s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * a.x.qs[row * nb + b]));
+                                }
+                                let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.x.d[row * nb + b]));
+                                f[$r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, f[$r]);
+                                if Q4 {
+                                    f[$r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.x.s[row * nb + b]), f[$r]);
+                                }
+                            }
+                        };
                     }
+                    row!(0);
+                    row!(1);
+                    row!(2);
+                    row!(3);
+                    row!(4);
+                    row!(5);
+                    row!(6);
+                    row!(7);
                 }
                 for (r, f) in f.iter().enumerate() {
                     _mm512_storeu_ps(a.y.add((r0 + r) * a.n + t * TILE), *f);
@@ -415,6 +429,38 @@ mod x86 {
                     }
                 }
             }
+        }
+    }
+
+    /// One block of [`super::QActs::quantize_isa`]: (scale, sum of the rounded values).
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub(super) unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+        unsafe {
+            debug_assert!(x.len() == QK && q.len() == QK);
+            let a = _mm512_loadu_ps(x.as_ptr());
+            let b = _mm512_loadu_ps(x.as_ptr().add(16));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            let d = amax / 127.0;
+            let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let half = _mm512_set1_ps(0.5);
+            let one = _mm512_set1_epi32(1);
+            let round = |v: __m512| {
+                let v = _mm512_mul_ps(v, id);
+                let t = _mm512_cvttps_epi32(v);
+                let frac = _mm512_sub_ps(v, _mm512_cvtepi32_ps(t));
+                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
+                let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(frac, _mm512_set1_ps(-0.5));
+                _mm512_mask_sub_epi32(
+                    _mm512_mask_add_epi32(t, up, t, one),
+                    down,
+                    _mm512_mask_add_epi32(t, up, t, one),
+                    one,
+                )
+            };
+            let (qa, qb) = (round(a), round(b));
+            _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
+            _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qb));
+            (d, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
         }
     }
 
@@ -646,27 +692,66 @@ pub struct QActs {
 }
 
 impl QActs {
-    /// Rounds `x` (rows of `k` values) in place of what `self` held. Scalar code on every
-    /// instruction set, so the rounded values never depend on the CPU.
+    /// Rounds `x` (rows of `k` values) in place of what `self` held, with the best
+    /// instruction set of this CPU.
     pub fn quantize(&mut self, x: &[f32], k: usize) {
+        self.quantize_isa(Isa::detect(), x, k)
+    }
+
+    /// As [`Self::quantize`] with a given instruction set. Every step is exact or rounds
+    /// once in the same way (`|x|` maxima, one division, one product, rounding to the
+    /// nearest integer), so every instruction set gives the same values.
+    pub fn quantize_isa(&mut self, isa: Isa, x: &[f32], k: usize) {
         let nb = x.len() / QK;
         self.k = k;
         self.q.resize(x.len(), 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
         self.qs.resize(nb, 0);
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 && isa.available() {
+            for (b, xb) in x.chunks_exact(QK).enumerate() {
+                // SAFETY: AVX-512 is available; `xb` and the output block hold 32 values.
+                let (d, qs) = unsafe { x86::quantize_block_avx512(xb, &mut self.q[b * QK..][..QK]) };
+                (self.d[b], self.s[b], self.qs[b]) = (d, d * qs as f32, qs);
+            }
+            return;
+        }
+        let _ = isa;
         for (b, xb) in x.chunks_exact(QK).enumerate() {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // Lane-wise maxima (vectorizes; `f32::max`'s NaN rules would not), then theirs.
+            let mut lanes = [0f32; 8];
+            for c in xb.chunks_exact(8) {
+                for (l, v) in lanes.iter_mut().zip(c) {
+                    let a = v.abs();
+                    *l = if a > *l { a } else { *l };
+                }
+            }
+            let amax = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut q = [0i32; QK];
+            for (q, &v) in q.iter_mut().zip(xb) {
+                *q = round_half_away(v * id);
+            }
             let mut qs = 0i32;
-            for (q, &v) in self.q[b * QK..][..QK].iter_mut().zip(xb) {
-                *q = (v * id).round() as i8;
-                qs += *q as i32;
+            for (o, &q) in self.q[b * QK..][..QK].iter_mut().zip(&q) {
+                *o = q as i8;
+                qs += q;
             }
             (self.d[b], self.s[b], self.qs[b]) = (d, d * qs as f32, qs);
         }
     }
+}
+
+/// `v.round()` (halves away from zero) for `|v| < 2^23`, without the libm call that
+/// `f32::round` is on baseline x86-64: truncation is a plain conversion, and `v - trunc(v)`
+/// is exact in that range.
+#[inline(always)]
+fn round_half_away(v: f32) -> i32 {
+    let t = v as i32;
+    let frac = v - t as f32;
+    t + (frac >= 0.5) as i32 - (frac <= -0.5) as i32
 }
 
 /// One call of the tiled kernel: rows `rows` of `x` (at most [`Isa::rows`]) times tiles

@@ -76,9 +76,11 @@ impl W {
         self.0.extend_from_slice(&v.to_le_bytes())
     }
     fn f32s(&mut self, v: &[f32]) {
-        self.0.reserve(v.len() * 4);
-        for x in v {
-            self.0.extend_from_slice(&x.to_le_bytes());
+        // A tail's logits are ~200 KB a step: one copy, not an append per value.
+        let at = self.0.len();
+        self.0.resize(at + v.len() * 4, 0);
+        for (o, x) in self.0[at..].chunks_exact_mut(4).zip(v) {
+            o.copy_from_slice(&x.to_le_bytes());
         }
     }
 }
@@ -104,7 +106,11 @@ impl R<'_> {
     }
     fn f32s(&mut self, n: usize) -> Result<Vec<f32>> {
         let b = self.take(n.checked_mul(4).ok_or_else(|| anyhow::anyhow!("bad length"))?)?;
-        Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+        let mut out = vec![0f32; n];
+        for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Ok(out)
     }
     fn u64s(&mut self) -> Result<Vec<u64>> {
         let n = self.u32()? as usize;

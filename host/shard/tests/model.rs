@@ -356,12 +356,23 @@ fn q8_quantize_block_rounds_as_ggml() {
     x[4] = 0.49;
     // The second block is all zero: scale 0, values 0.
     let mut q = QActs::default();
-    q.quantize(&x, 64);
+    q.quantize_isa(Isa::Scalar, &x, 64);
     assert_eq!(q.d, [1.0, 0.0]);
     assert_eq!(&q.q[..6], &[-127, 2, -2, 3, 0, 0]);
     assert!(q.q[32..].iter().all(|&v| v == 0));
     assert_eq!(q.qs, [-127 + 2 - 2 + 3, 0]);
     assert_eq!(q.s, [(-127 + 2 - 2 + 3) as f32, 0.0]);
+    // Any values, on every instruction set: as `f32::round` of `x / scale`.
+    let x: Vec<f32> = activations(4096, 3).iter().enumerate().map(|(i, v)| v * (1 + i % 7) as f32).collect();
+    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.available()) {
+        q.quantize_isa(isa, &x, 4096);
+        for (b, xb) in x.chunks_exact(32).enumerate() {
+            let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+            let want: Vec<i8> = xb.iter().map(|v| (v * (1.0 / d)).round() as i8).collect();
+            assert_eq!((q.d[b], &q.q[b * 32..][..32]), (d, &want[..]), "{isa:?}: block {b}");
+            assert_eq!(q.qs[b], want.iter().map(|&v| v as i32).sum::<i32>(), "{isa:?}: block {b}");
+        }
+    }
 }
 
 /// The tiled layout holds exactly the stored values: every row dequantizes as from the
