@@ -85,12 +85,13 @@ struct ServeArgs {
     /// Do not insert SmolLM2's default system prompt into chats without a system message.
     #[arg(long)]
     no_default_system_prompt: bool,
-    /// Weight format: `fused-q8` (the blocks repacked in tiles, switchyard's batched kernel
-    /// with 8-bit activations and integer dot products; fastest), `fused` (the blocks as
-    /// stored, the same kernel with f32 activations), `native` (candle's quantized kernels,
-    /// bit-exact with candle-transformers), `q8_0` (Q4_1 re-quantized to Q8_0), `f32` / `f16`
-    /// (dequantized at load, candle's dense matmul). See host/shard/README.md.
-    #[arg(long, default_value = "fused-q8")]
+    /// Weight format: `fused` (the blocks as stored, switchyard's batched kernel with f32
+    /// activations), `fused-q8` (the blocks repacked in tiles, the same kernel with 8-bit
+    /// activations and integer dot products: fastest, batches best, rounds like candle's
+    /// quantized kernels), `native` (candle's quantized kernels, bit-exact with
+    /// candle-transformers), `q8_0` (Q4_1 re-quantized to Q8_0), `f32` / `f16` (dequantized
+    /// at load, candle's dense matmul). See host/shard/README.md.
+    #[arg(long, default_value = "fused")]
     weights: String,
     /// CPU threads for candle in this process (and, with --spawn-shards, in each stage).
     /// Default: all cores.
@@ -116,9 +117,9 @@ struct StageArgs {
     index: usize,
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight format: fused-q8, fused, native, q8_0, f32 or f16 (see `serve --help`); the
+    /// Weight format: fused, fused-q8, native, q8_0, f32 or f16 (see `serve --help`); the
     /// head's.
-    #[arg(long, default_value = "fused-q8")]
+    #[arg(long, default_value = "fused")]
     weights: String,
     /// CPU threads for candle in this process (default: all cores).
     #[arg(long)]

@@ -165,14 +165,16 @@ pub enum WeightFormat {
     /// own kernel ([`crate::kernel`]): dequantized in registers, f32 activations, one pass over
     /// the weights for all the rows of a step, batch-invariant; attention by plain loops over
     /// flat KV caches ([`crate::kernel::attend`]). Other block types (and non-CPU devices)
-    /// fall back to `native`'s kernels.
+    /// fall back to `native`'s kernels. The default of `serve` and `stage`.
     Fused,
     /// As `fused`, with the weights repacked in tiles of 16 output features and the
     /// activations rounded to 8 bits per block of 32 (as candle's and ggml's quantized kernels
     /// do), so a step's rows are multiplied by 8-bit integer dot products (`vpdpbusd` with
     /// AVX-512 VNNI): each further row of a batch costs a fraction of what it costs in f32.
-    /// Batch-invariant and identical on every instruction set. The default of `serve` and
-    /// `stage`.
+    /// Batch-invariant and identical on every instruction set. Not the default: rounding the
+    /// activations moves the logits as much as candle's quantized kernels do, enough to
+    /// change the greedy answer of this small model to some prompts (tested against the
+    /// reference, which changes it the same way).
     FusedQ8,
 }
 

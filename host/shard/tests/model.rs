@@ -192,6 +192,14 @@ fn fused_kernel_matches_dequantized_matmul_and_is_batch_invariant() {
     }
 }
 
+/// A chat as the server renders it by default: SmolLM2's system prompt first (~40 tokens,
+/// more rows in one prefill step than the short prompts).
+fn system_chat() -> String {
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+     <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        .into()
+}
+
 /// Greedy decode of `prompt` for `steps` tokens through a pipeline: (logits, tokens).
 fn greedy(p: &Pipeline, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
     let mut caches = p.caches();
@@ -240,11 +248,15 @@ fn fused_format_tracks_the_reference() {
     let (ct, _) = read_gguf(&common::model_path()).unwrap();
     let tok = Tokenizer::from_gguf(&ct).unwrap();
     let chat = |q: &str| format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
-    let prompts: Vec<Vec<u32>> =
-        [chat("What is the capital of France?"), "The three primary colours are".into(), "fn main() {".into()]
-            .iter()
-            .map(|s| tok.encode(s, true))
-            .collect();
+    let prompts: Vec<Vec<u32>> = [
+        chat("What is the capital of France?"),
+        "The three primary colours are".into(),
+        "fn main() {".into(),
+        system_chat(),
+    ]
+    .iter()
+    .map(|s| tok.encode(s, true))
+    .collect();
     let fused = Pipeline::with_format(1, WeightFormat::Fused);
     let dense = Pipeline::with_format(1, WeightFormat::F32);
     for prompt in &prompts {
@@ -407,11 +419,15 @@ fn fused_q8_format_tracks_the_reference() {
     let (ct, _) = read_gguf(&common::model_path()).unwrap();
     let tok = Tokenizer::from_gguf(&ct).unwrap();
     let chat = |q: &str| format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
-    let prompts: Vec<Vec<u32>> =
-        [chat("What is the capital of France?"), "The three primary colours are".into(), "fn main() {".into()]
-            .iter()
-            .map(|s| tok.encode(s, true))
-            .collect();
+    let prompts: Vec<Vec<u32>> = [
+        chat("What is the capital of France?"),
+        "The three primary colours are".into(),
+        "fn main() {".into(),
+        system_chat(),
+    ]
+    .iter()
+    .map(|s| tok.encode(s, true))
+    .collect();
     let q8 = Pipeline::with_format(1, WeightFormat::FusedQ8);
     let dense = Pipeline::with_format(1, WeightFormat::F32);
     let (mut agree_all, mut q8_err, mut ref_err) = (0, 0f32, 0f32);
