@@ -156,6 +156,16 @@ fn activations(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The kernel's instruction sets this CPU can run (the others are named as skipped).
+fn isas() -> Vec<Isa> {
+    let (yes, no): (Vec<Isa>, Vec<Isa>) =
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().partition(|i| i.available());
+    if !no.is_empty() {
+        eprintln!("{no:?} not available on this CPU, skipped");
+    }
+    yes
+}
+
 #[test]
 fn fused_kernel_matches_dequantized_matmul_and_is_batch_invariant() {
     let (ct, mut file) = read_gguf(&common::model_path()).unwrap();
@@ -173,11 +183,7 @@ fn fused_kernel_matches_dequantized_matmul_and_is_batch_invariant() {
         let x = activations(m * k, 7);
         let want = reference_matmul(qt, &x).unwrap();
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
-            if !isa.available() {
-                eprintln!("{isa:?} not available on this CPU, skipped");
-                continue;
-            }
+        for isa in isas() {
             let mut y = vec![0f32; m * n];
             b.matmul_isa(isa, &x, &mut y).unwrap();
             let d = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -190,6 +196,22 @@ fn fused_kernel_matches_dequantized_matmul_and_is_batch_invariant() {
             }
         }
     }
+}
+
+/// The prompts the formats are checked on, tokenized.
+fn test_prompts() -> Vec<Vec<u32>> {
+    let (ct, _) = read_gguf(&common::model_path()).unwrap();
+    let tok = Tokenizer::from_gguf(&ct).unwrap();
+    let chat = |q: &str| format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
+    [
+        chat("What is the capital of France?"),
+        "The three primary colours are".into(),
+        "fn main() {".into(),
+        system_chat(),
+    ]
+    .iter()
+    .map(|s| tok.encode(s, true))
+    .collect()
 }
 
 /// A chat as the server renders it by default: SmolLM2's system prompt first (~40 tokens,
@@ -245,18 +267,7 @@ fn forced(p: &Pipeline, prompt: &[u32], toks: &[u32]) -> Vec<Vec<f32>> {
 #[test]
 fn fused_format_tracks_the_reference() {
     const STEPS: usize = 8;
-    let (ct, _) = read_gguf(&common::model_path()).unwrap();
-    let tok = Tokenizer::from_gguf(&ct).unwrap();
-    let chat = |q: &str| format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
-    let prompts: Vec<Vec<u32>> = [
-        chat("What is the capital of France?"),
-        "The three primary colours are".into(),
-        "fn main() {".into(),
-        system_chat(),
-    ]
-    .iter()
-    .map(|s| tok.encode(s, true))
-    .collect();
+    let prompts = test_prompts();
     let fused = Pipeline::with_format(1, WeightFormat::Fused);
     let dense = Pipeline::with_format(1, WeightFormat::F32);
     for prompt in &prompts {
@@ -339,11 +350,7 @@ fn q8_kernel_matches_scalar_reference_on_every_isa() {
             theirs / scale
         );
         assert!(ours <= 1.1 * theirs, "{:?}: rms error {ours}, candle's {theirs}", b.blocks());
-        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
-            if !isa.available() {
-                eprintln!("{isa:?} not available on this CPU, skipped");
-                continue;
-            }
+        for isa in isas() {
             let mut y = vec![0f32; m * n];
             b.matmul_isa(isa, &x, &mut y).unwrap();
             assert!(y == scalar, "{:?} {isa:?} (vnni: {}): differs from the scalar code", b.blocks(), has_vnni());
@@ -376,7 +383,7 @@ fn q8_quantize_block_rounds_as_ggml() {
     assert_eq!(q.s, [(-127 + 2 - 2 + 3) as f32, 0.0]);
     // Any values, on every instruction set: as `f32::round` of `x / scale`.
     let x: Vec<f32> = activations(4096, 3).iter().enumerate().map(|(i, v)| v * (1 + i % 7) as f32).collect();
-    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.available()) {
+    for isa in isas() {
         q.quantize_isa(isa, &x, 4096);
         for (b, xb) in x.chunks_exact(32).enumerate() {
             let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
@@ -411,23 +418,11 @@ fn q8_repacked_rows_dequantize_as_stored() {
 /// the exact product of the same weights (the dequantized f32 model), fed the same tokens,
 /// its logits are off by the same order as the quantized reference's (at most 1.5 times; the
 /// worst step of a few is a noisy statistic), and its greedy tokens mostly agree with the
-/// reference's. Stages and
-/// batching change nothing.
+/// reference's. Stages and batching change nothing.
 #[test]
 fn fused_q8_format_tracks_the_reference() {
     const STEPS: usize = 8;
-    let (ct, _) = read_gguf(&common::model_path()).unwrap();
-    let tok = Tokenizer::from_gguf(&ct).unwrap();
-    let chat = |q: &str| format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
-    let prompts: Vec<Vec<u32>> = [
-        chat("What is the capital of France?"),
-        "The three primary colours are".into(),
-        "fn main() {".into(),
-        system_chat(),
-    ]
-    .iter()
-    .map(|s| tok.encode(s, true))
-    .collect();
+    let prompts = test_prompts();
     let q8 = Pipeline::with_format(1, WeightFormat::FusedQ8);
     let dense = Pipeline::with_format(1, WeightFormat::F32);
     let (mut agree_all, mut q8_err, mut ref_err) = (0, 0f32, 0f32);
