@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use switchyard::config::Config;
 
 /// mimalloc: per-thread heaps suit the thread-per-core data plane (each request's buffers
-/// are allocated and freed on one worker); it took about a tenth off the router's CPU per
-/// request against glibc's malloc (bench/README.md).
+/// are allocated and freed on one worker). One unrepeated comparison with glibc's malloc
+/// showed less CPU per request (ARCHITECTURE.md, "mimalloc").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
