@@ -127,3 +127,51 @@ async fn a_stream_whose_upstream_dies_midway_is_continued_by_another() {
     assert!(content.starts_with(&delivered));
     assert_eq!(router.metric("switchyard_stream_resumes_total", &[("model", "m")]).await, Some(1.0));
 }
+
+/// The continuation of a stream whose replica died waits for a replica instead of cutting
+/// the stream when, at that moment, no other one would take it (here the only other one
+/// answers 503 for a while, as a replica still loading would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_replica_dies_waits_for_another_to_recover() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let a = Upstream::start("a").await;
+    let b = Arc::new(Upstream::start("b").await);
+    for u in [&a, &*b] {
+        u.script(|s| {
+            s.chunks = 12;
+            s.chunk_gap = Duration::from_millis(40);
+        });
+    }
+    b.script(|s| s.status = 503);
+    let router = Router::start(&config(&model("m", &[&a, &*b], ""))).await;
+    let cut = Arc::new(AtomicBool::new(false));
+    let restore = {
+        let (b, cut) = (b.clone(), cut.clone());
+        tokio::spawn(async move {
+            while !cut.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            b.script(|s| s.status = 200);
+        })
+    };
+    let body = r#"{"model":"m","stream":true,"max_tokens":12,"messages":[{"role":"user","content":"count"}]}"#;
+    let (events, end) = read_stream_cutting(&router.url("/v1/chat/completions"), body.to_string(), 4, |h| {
+        assert_eq!(h["x-switchyard-endpoint"], "a", "b refuses, so a serves the stream");
+        a.kill();
+        cut.store(true, Ordering::SeqCst);
+    })
+    .await;
+    restore.await.unwrap();
+    end.expect("the client sees one stream, without an error");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let served: Vec<String> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| json(e.as_bytes())["served_by"].as_str().unwrap().to_string())
+        .collect();
+    let switch = served.iter().position(|s| s != "a").expect("b continued the stream");
+    assert!(switch >= 4 && served[switch..].iter().all(|s| s == "b"), "{served:?}");
+    assert_eq!(router.metric("switchyard_stream_resumes_total", &[("model", "m")]).await, Some(1.0));
+}

@@ -227,45 +227,69 @@ impl Splice {
 pub type Resumed = Pin<Box<dyn Future<Output = Option<(Incoming, Attempt)>> + Send>>;
 
 /// Starts the continuation on another endpoint: the future answers with the new stream
-/// once it has sent its headers with 2xx, or `None` when no endpoint would take it.
+/// once it has sent its headers with 2xx, or `None` when no endpoint took it within
+/// `first_byte`.
+///
+/// The client already holds part of the answer, so giving up costs more here than anywhere
+/// else: an endpoint this stream has not failed on is tried first; when there is none (the
+/// other replicas down, ejected or out of retry budget) the continuation waits for one,
+/// polling every 100 ms, and an endpoint that failed this stream earlier may serve it again
+/// once it is available (a supervised replica restarted after a crash is a new process).
 pub fn resume(ctx: &mut ResumeContext, body: Bytes, first_byte: Duration) -> Resumed {
+    const POLL: Duration = Duration::from_millis(100);
     let model = ctx.model.clone();
     let path = ctx.path_and_query.clone();
     let headers = ctx.headers.clone();
     let mut tried = std::mem::take(&mut ctx.tried);
-    let attempts = ctx.left;
     Box::pin(async move {
         let pool = &model.pool;
-        for _ in 0..attempts.max(1) {
-            let mut snapshot = Vec::with_capacity(pool.endpoints.len());
+        let deadline = tokio::time::Instant::now() + first_byte;
+        let mut snapshot = Vec::with_capacity(pool.endpoints.len());
+        loop {
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            snapshot.clear();
             pool.snapshot_into(now_ms(), &mut snapshot);
             let facts =
                 RequestFacts { stream: true, attempt: tried.len() as u32, ..RequestFacts::anonymous(&pool.model) };
             let mut ranked = Vec::new();
             let _ = PowerOfTwoChoices.select(&facts, &snapshot, &mut ranked);
             sanitize(&mut ranked, &snapshot);
-            let &index = ranked.iter().find(|i| !tried.contains(i))?;
-            tried.push(index);
+            let fresh = ranked.iter().find(|i| !tried.contains(i)).copied();
+            let Some(index) = fresh.or_else(|| ranked.first().copied()) else {
+                tokio::time::sleep(POLL).await;
+                continue;
+            };
+            if fresh.is_none() {
+                // Only endpoints that failed this stream are left: give them a moment.
+                tokio::time::sleep(POLL).await;
+            }
             if !pool.budget.try_withdraw(now_ms()) {
                 model.metrics.budget_exhausted.inc();
-                return None;
+                tokio::time::sleep(POLL).await;
+                continue;
             }
+            tried.push(index);
             let endpoint = &pool.endpoints[index as usize];
             let Some(attempt) = pool.start(endpoint) else { continue };
             let uri = format!("{}{}", endpoint.url, path);
             let Ok(mut req) = Request::post(uri).body(Full::new(body.clone())) else { return None };
             *req.headers_mut() = headers.clone();
-            match tokio::time::timeout(first_byte, model.client().request(req)).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, model.client().request(req)).await {
                 Ok(Ok(res)) if res.status().is_success() => return Some((res.into_body(), attempt)),
                 Ok(Ok(res)) => {
                     let outcome =
                         if res.status().is_client_error() { Outcome::ClientError } else { Outcome::ServerFailure };
                     attempt.finish(outcome, None);
+                    if outcome == Outcome::ClientError {
+                        return None;
+                    }
                 }
                 _ => attempt.finish(Outcome::ServerFailure, None),
             }
         }
-        None
     })
 }
 
