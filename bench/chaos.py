@@ -86,7 +86,9 @@ def check_stream(body):
 def one_request(conn, stream, max_tokens):
     body = json.dumps({
         "model": "smollm2",
-        "messages": [{"role": "user", "content": random.choice(PROMPTS)}],
+        # A short system message: the model's default one would triple the prompt.
+        "messages": [{"role": "system", "content": "Answer briefly."},
+                     {"role": "user", "content": random.choice(PROMPTS)}],
         "max_tokens": max_tokens,
         "stream": stream,
     })

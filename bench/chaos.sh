@@ -34,6 +34,7 @@ WORK="$(mktemp -d)"
 ROUTER_PID=""
 cleanup() {
     [ -n "$ROUTER_PID" ] && kill -TERM "$ROUTER_PID" 2>/dev/null && wait "$ROUTER_PID" 2>/dev/null || true
+    mkdir -p bench/results && cp "$WORK/router.log" "bench/results/chaos-$STAMP-router.log" 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -62,6 +63,16 @@ fallback = { models = [], primary_timeout = "5s", budget = "15s", rule_based = t
 max_attempts = 3
 budget_ratio = 0.5
 min_retries_per_sec = 20
+
+# Local replicas restart in about a second: keep the ejection and breaker back-offs short
+# (the defaults suit remote endpoints, where a failure tends to last).
+[models.outlier]
+consecutive_failures = 3
+base_ejection = "1s"
+max_ejection = "4s"
+
+[models.circuit_breaker]
+open_for = "2s"
 
 [models.health_check]
 enabled = true
