@@ -149,6 +149,7 @@ def main():
     ap.add_argument("--kill-every", type=float, default=5.0)
     ap.add_argument("--stream-share", type=float, default=0.5)
     ap.add_argument("--max-tokens", type=int, default=6)
+    ap.add_argument("--max-seconds", type=float, default=0, help="stop sending after this long (0: no limit)")
     a = ap.parse_args()
 
     stats, stop = Stats(), threading.Event()
@@ -178,6 +179,9 @@ def main():
                 except ProcessLookupError:
                     pass
             next_kill = now + a.kill_every
+        if a.max_seconds and now - start >= a.max_seconds and not stop.is_set():
+            stop.set()
+            print(f"[chaos] {now - start:6.1f}s time is up: finishing the requests in flight", file=sys.stderr)
         if now >= next_log:
             with stats.lock:
                 print(f"[chaos] {now - start:6.1f}s sent {stats.sent} answered {stats.answered} "

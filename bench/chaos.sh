@@ -15,6 +15,7 @@ CONCURRENCY="${CONCURRENCY:-8}"
 KILL_EVERY="${KILL_EVERY:-5}"
 STREAM_SHARE="${STREAM_SHARE:-0.5}"
 MAX_TOKENS="${MAX_TOKENS:-6}"
+MAX_SECONDS="${MAX_SECONDS:-0}"    # stop sending after this long even if REQUESTS is not reached (0: never)
 PORT="${PORT:-18080}"
 ADMIN_PORT="${ADMIN_PORT:-19901}"
 BASE_PORT="${BASE_PORT:-19001}"
@@ -110,7 +111,7 @@ done
 log "load: $REQUESTS requests, $CONCURRENCY clients, ${STREAM_SHARE} streamed; a shard killed every ${KILL_EVERY}s"
 REPORT="$(python3 bench/chaos.py --port "$PORT" --router-pid "$ROUTER_PID" --plugins "$WORK/plugins" \
     --swap-to plugins/round-robin.wasm --requests "$REQUESTS" --concurrency "$CONCURRENCY" \
-    --kill-every "$KILL_EVERY" --stream-share "$STREAM_SHARE" --max-tokens "$MAX_TOKENS")"
+    --kill-every "$KILL_EVERY" --stream-share "$STREAM_SHARE" --max-tokens "$MAX_TOKENS" --max-seconds "$MAX_SECONDS")"
 RESTARTS="$(curl -s "127.0.0.1:$ADMIN_PORT/admin/replicas" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(p.get("restarts",0) for p in (d if isinstance(d,list) else d.get("processes",[]))))' 2>/dev/null || echo "?")"
 SWAP="$(curl -s "127.0.0.1:$ADMIN_PORT/admin/plugins" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps(d)[:400])' 2>/dev/null || echo "?")"
 
