@@ -270,7 +270,9 @@ pub fn resume(ctx: &mut ResumeContext, body: Bytes, first_byte: Duration) -> Res
                 tokio::time::sleep(POLL).await;
                 continue;
             }
-            tried.push(index);
+            if fresh.is_some() {
+                tried.push(index);
+            }
             let endpoint = &pool.endpoints[index as usize];
             let Some(attempt) = pool.start(endpoint) else { continue };
             let uri = format!("{}{}", endpoint.url, path);
