@@ -22,21 +22,34 @@ fn policy_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../plugins"))
 }
 
-/// Median nanoseconds per call over `rounds` rounds of `iters` calls.
-fn measure(mut f: impl FnMut(u32), iters: u32, rounds: usize) -> f64 {
-    for i in 0..iters / 10 {
-        f(i);
-    }
-    let mut per = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        for i in 0..iters {
+/// A decision to time: called with a running counter.
+type Case<'a> = Box<dyn FnMut(u32) + 'a>;
+
+/// Times every case in rounds, taking turns within each round, so a slow spell of a
+/// shared machine lands on all cases alike instead of on whichever ran then; each case's
+/// result is the median over rounds, in nanoseconds per call.
+fn measure_interleaved(cases: &mut [Case<'_>], iters: u32, rounds: usize) -> Vec<f64> {
+    for f in cases.iter_mut() {
+        for i in 0..iters / 10 {
             f(i);
         }
-        per.push(t.elapsed().as_nanos() as f64 / iters as f64);
     }
-    per.sort_by(f64::total_cmp);
-    per[rounds / 2]
+    let mut per: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); cases.len()];
+    for _ in 0..rounds {
+        for (f, out) in cases.iter_mut().zip(per.iter_mut()) {
+            let t = Instant::now();
+            for i in 0..iters {
+                f(i);
+            }
+            out.push(t.elapsed().as_nanos() as f64 / iters as f64);
+        }
+    }
+    per.into_iter()
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[rounds / 2]
+        })
+        .collect()
 }
 
 fn native_topology(n: usize) -> switchyard_policy::Topology {
@@ -125,51 +138,46 @@ fn wit_request(k: u32) -> wit::Request {
     }
 }
 
-fn native_bench(name: &str, n: usize, iters: u32) -> f64 {
+fn native_case(name: &str, n: usize) -> Case<'static> {
     // 16 precomputed state vectors, cycled, so the decision sees changing load.
     let states: Vec<_> = (0..16).map(|k| native_states(n, k)).collect();
-    macro_rules! run {
+    macro_rules! case {
         ($t:ty) => {{
             let mut p = <$t>::new("{}").unwrap();
             p.set_topology(native_topology(n));
-            measure(
-                |i| {
-                    let r = p.balance(&native_request(i), &states[(i % 16) as usize]);
-                    std::hint::black_box(r);
-                },
-                iters,
-                7,
-            )
+            Box::new(move |i| {
+                let r = p.balance(&native_request(i), &states[(i % 16) as usize]);
+                std::hint::black_box(r);
+            })
         }};
     }
     match name {
-        "round-robin" => run!(policy_round_robin::RoundRobin),
-        "weighted-round-robin" => run!(policy_weighted_round_robin::WeightedRoundRobin),
-        "least-request" => run!(policy_least_request::LeastRequest),
-        "consistent-hash" => run!(policy_consistent_hash::ConsistentHash),
+        "round-robin" => case!(policy_round_robin::RoundRobin),
+        "weighted-round-robin" => case!(policy_weighted_round_robin::WeightedRoundRobin),
+        "least-request" => case!(policy_least_request::LeastRequest),
+        "consistent-hash" => case!(policy_consistent_hash::ConsistentHash),
         _ => unreachable!(),
     }
 }
 
-fn wasm_bench(loader: &Loader, name: &str, bytes: &[u8], n: usize, iters: u32) -> f64 {
+fn wasm_case(loader: &Loader, name: &str, bytes: &[u8], n: usize) -> Case<'static> {
     let sha = sha256_hex(bytes);
     let loaded = loader.load(name, bytes, &sha, "{}", 0).expect("component loads");
-    let binding = Arc::new(loaded.bind(1_000 + n as u64, wit_topology(n), Duration::from_millis(5), Shared::new(None)));
+    // Every binding needs its own uid: the warm instance of a thread is found by it.
+    static UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
+    let uid = UID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let binding = Arc::new(loaded.bind(uid, wit_topology(n), Duration::from_millis(5), Shared::new(None)));
     // The router packs the snapshot per request; so does the benchmark, inside the loop.
     let states: Vec<_> = (0..16).map(|k| wit_states(n, k)).collect();
     let mut packed = Vec::with_capacity(n * switchyard::plugin::runtime::STATE_WORDS);
-    measure(
-        |i| {
-            packed.clear();
-            for s in &states[(i % 16) as usize] {
-                switchyard::plugin::runtime::pack_state(&mut packed, s);
-            }
-            let r = binding.balance(wit_request(i), &packed).expect("no fault");
-            std::hint::black_box(r);
-        },
-        iters,
-        7,
-    )
+    Box::new(move |i| {
+        packed.clear();
+        for s in &states[(i % 16) as usize] {
+            switchyard::plugin::runtime::pack_state(&mut packed, s);
+        }
+        let r = binding.balance(wit_request(i), &packed).expect("no fault");
+        std::hint::black_box(r);
+    })
 }
 
 fn swap_bench(dir: &std::path::Path) {
@@ -235,22 +243,36 @@ fn main() {
         eprintln!("missing components {missing:?} in {}: run scripts/build-policies.sh first", dir.display());
         std::process::exit(2);
     }
-    let iters: u32 = std::env::var("ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let iters: u32 = std::env::var("ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
     let engine = PluginEngine::new(16 << 20, 64).unwrap();
     let cache = std::env::temp_dir().join(format!("switchyard-bench-cache-{}", std::process::id()));
     let loader = Loader::new(engine, cache.clone(), Duration::from_millis(5)).unwrap();
-    println!("## Per-decision cost (median of 7 rounds × {iters} decisions)\n");
+    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
+    println!(
+        "## Per-decision cost (median of {rounds} rounds × {iters} decisions; the cases take turns within each round)\n"
+    );
     println!("| policy | endpoints | native | wasm | wasm/native | target ≤ 1 µs at 8 |");
     println!("|---|---|---|---|---|---|");
-    for p in POLICIES {
-        let bytes = std::fs::read(dir.join(format!("{p}.wasm"))).unwrap();
-        for n in [8usize, 64] {
-            let native = native_bench(p, n, iters);
-            let wasm = wasm_bench(&loader, p, &bytes, n, iters);
+    // ONLY=round-robin,least-request limits the table (and skips the swap timing).
+    let only: Option<Vec<String>> = std::env::var("ONLY").ok().map(|v| v.split(',').map(str::to_string).collect());
+    let policies: Vec<&str> =
+        POLICIES.into_iter().filter(|p| only.as_ref().is_none_or(|o| o.iter().any(|x| x == p))).collect();
+    for n in [8usize, 64] {
+        let mut cases: Vec<Case<'_>> = Vec::new();
+        for p in &policies {
+            let bytes = std::fs::read(dir.join(format!("{p}.wasm"))).unwrap();
+            cases.push(native_case(p, n));
+            cases.push(wasm_case(&loader, p, &bytes, n));
+        }
+        let ns = measure_interleaved(&mut cases, iters, rounds);
+        for (p, r) in policies.iter().zip(ns.chunks_exact(2)) {
+            let (native, wasm) = (r[0], r[1]);
             let verdict = if n == 8 { if wasm <= 1_000.0 { "PASS" } else { "MISS" } } else { "" };
             println!("| {p} | {n} | {native:.0} ns | {wasm:.0} ns | {:.1}× | {verdict} |", wasm / native);
         }
     }
     let _ = std::fs::remove_dir_all(&cache);
-    swap_bench(&dir);
+    if only.is_none() {
+        swap_bench(&dir);
+    }
 }

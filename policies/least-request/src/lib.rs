@@ -11,6 +11,8 @@ pub struct LeastRequest {
     weights: Vec<f64>,
     /// Share of the gap to the host's EWMA closed per decision when latency falls.
     decay: f64,
+    /// Scratch for one decision: (cost, index) of each available endpoint.
+    live: Vec<(f64, u32)>,
 }
 
 /// Latency assumed for an endpoint with no measurement yet (µs).
@@ -39,7 +41,7 @@ impl Policy for LeastRequest {
                 .filter(|d| *d > 0.0 && *d <= 1.0)
                 .ok_or_else(|| "decay must be a number in (0, 1]".to_string())?,
         };
-        Ok(LeastRequest { rng: Rng::new(random()), peak_us: Vec::new(), weights: Vec::new(), decay })
+        Ok(LeastRequest { rng: Rng::new(random()), peak_us: Vec::new(), weights: Vec::new(), decay, live: Vec::new() })
     }
 
     fn set_topology(&mut self, t: Topology) {
@@ -58,27 +60,82 @@ impl Policy for LeastRequest {
             let p = &mut self.peak_us[i];
             *p = if sample >= *p { sample } else { *p - (*p - sample) * self.decay };
         }
-        let mut live: Vec<u32> = (0..n as u32).filter(|&i| available(&endpoints[i as usize])).collect();
-        if live.len() < 2 {
-            return live;
-        }
-        let a = self.rng.below(live.len() as u32) as usize;
-        let mut b = self.rng.below(live.len() as u32 - 1) as usize;
-        if b >= a {
-            b += 1;
-        }
-        let (ia, ib) = (live[a] as usize, live[b] as usize);
-        let (win, lose) =
-            if self.cost(ia, &endpoints[ia]) <= self.cost(ib, &endpoints[ib]) { (ia, ib) } else { (ib, ia) };
-        live.retain(|&i| i as usize != win && i as usize != lose);
-        live.sort_by(|&x, &y| {
-            self.cost(x as usize, &endpoints[x as usize]).total_cmp(&self.cost(y as usize, &endpoints[y as usize]))
-        });
-        live.insert(0, lose as u32);
-        live.insert(0, win as u32);
-        live
+        let mut live = std::mem::take(&mut self.live);
+        live.clear();
+        live.extend(
+            endpoints.iter().enumerate().filter(|(_, e)| available(e)).map(|(i, e)| (self.cost(i, e), i as u32)),
+        );
+        let order = if live.len() < 2 {
+            live.iter().map(|&(_, i)| i).collect()
+        } else {
+            let a = self.rng.below(live.len() as u32) as usize;
+            let mut b = self.rng.below(live.len() as u32 - 1) as usize;
+            if b >= a {
+                b += 1;
+            }
+            let (win, lose) = if live[a].0 <= live[b].0 { (live[a].1, live[b].1) } else { (live[b].1, live[a].1) };
+            // Failover order after the two drawn: the rest, cheapest first (ties by index).
+            live.sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+            let mut order = Vec::with_capacity(live.len());
+            order.extend([win, lose]);
+            order.extend(live.iter().map(|&(_, i)| i).filter(|&i| i != win && i != lose));
+            order
+        };
+        self.live = live;
+        order
     }
 }
 
 #[cfg(target_arch = "wasm32")]
 export_policy!(LeastRequest);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(healthy: bool, in_flight: u32, ewma_latency_us: u32) -> EndpointState {
+        EndpointState { healthy, circuit: CircuitState::Closed, in_flight, ewma_latency_us, error_rate_ppm: 0 }
+    }
+
+    fn request() -> Request {
+        Request { tenant: 0, client_region: u32::MAX, prefix_hash: 0, streaming: false, attempt: 0, prompt_tokens: 1 }
+    }
+
+    #[test]
+    fn the_cheaper_of_two_draws_leads_and_the_rest_follow_cheapest_first() {
+        reset_host_for_test();
+        let mut p = LeastRequest::new("{}").unwrap();
+        // Costs (in-flight + 1) × latency: 1000, 6000, 2000, 10000, unavailable, 3000.
+        let eps = [
+            state(true, 0, 1000),
+            state(true, 5, 1000),
+            state(true, 1, 1000),
+            state(true, 9, 1000),
+            state(false, 0, 1),
+            state(true, 2, 1000),
+        ];
+        let cost = |i: u32| (eps[i as usize].in_flight + 1) * eps[i as usize].ewma_latency_us;
+        let mut leaders = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let order = p.balance(&request(), &eps);
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, [0, 1, 2, 3, 5], "every available endpoint once: {order:?}");
+            assert!(cost(order[0]) <= cost(order[1]), "{order:?}");
+            let rest: Vec<u32> = order[2..].iter().map(|&i| cost(i)).collect();
+            assert!(rest.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+            leaders.insert(order[0]);
+        }
+        // The most loaded endpoint loses every draw it is in.
+        assert!(!leaders.contains(&3), "{leaders:?}");
+        assert!(leaders.contains(&0) && leaders.len() >= 3, "draws are random: {leaders:?}");
+    }
+
+    #[test]
+    fn fewer_than_two_available_are_returned_as_they_are() {
+        reset_host_for_test();
+        let mut p = LeastRequest::new("{}").unwrap();
+        assert_eq!(p.balance(&request(), &[state(false, 0, 1), state(true, 3, 10)]), [1]);
+        assert!(p.balance(&request(), &[state(false, 0, 1)]).is_empty());
+    }
+}

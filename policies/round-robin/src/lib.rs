@@ -23,7 +23,9 @@ impl Policy for RoundRobin {
         }
         let start = self.next % n;
         self.next = self.next.wrapping_add(1);
-        (0..n).map(|k| (start + k) % n).filter(|&i| available(&endpoints[i as usize])).collect()
+        let mut order = Vec::with_capacity(n as usize);
+        order.extend((start..n).chain(0..start).filter(|&i| available(&endpoints[i as usize])));
+        order
     }
 }
 

@@ -269,20 +269,26 @@ pub const STATE_WORDS: usize = 4;
 
 /// Unpacks `balance`'s endpoint states (layout documented in `policy.wit`).
 pub fn unpack_states(words: &[u32]) -> Vec<EndpointState> {
-    words
-        .chunks_exact(STATE_WORDS)
-        .map(|w| EndpointState {
-            healthy: w[0] & 1 != 0,
-            circuit: match (w[0] >> 1) & 3 {
-                0 => CircuitState::Closed,
-                1 => CircuitState::HalfOpen,
-                _ => CircuitState::Open,
-            },
-            in_flight: w[1],
-            ewma_latency_us: w[2],
-            error_rate_ppm: w[3],
-        })
-        .collect()
+    let mut out = Vec::with_capacity(words.len() / STATE_WORDS);
+    unpack_states_into(words, &mut out);
+    out
+}
+
+/// Like [`unpack_states`], into a vector the caller reuses: the exported `balance` keeps
+/// one per instance, so a decision costs no allocation for its arguments.
+pub fn unpack_states_into(words: &[u32], out: &mut Vec<EndpointState>) {
+    out.clear();
+    out.extend(words.chunks_exact(STATE_WORDS).map(|w| EndpointState {
+        healthy: w[0] & 1 != 0,
+        circuit: match (w[0] >> 1) & 3 {
+            0 => CircuitState::Closed,
+            1 => CircuitState::HalfOpen,
+            _ => CircuitState::Open,
+        },
+        in_flight: w[1],
+        ewma_latency_us: w[2],
+        error_rate_ppm: w[3],
+    }));
 }
 
 /// Exports a [`Policy`] type as the component's `plugin` interface.
@@ -296,6 +302,7 @@ macro_rules! export_policy {
 
             ::std::thread_local! {
                 static STATE: RefCell<Option<$policy>> = const { RefCell::new(None) };
+                static ENDPOINTS: RefCell<Vec<$crate::EndpointState>> = const { RefCell::new(Vec::new()) };
             }
 
             fn with<R>(f: impl FnOnce(&mut $policy) -> R) -> R {
@@ -321,8 +328,11 @@ macro_rules! export_policy {
                     with(|p| p.set_topology(t))
                 }
                 fn balance(req: $crate::Request, packed: Vec<u32>) -> Vec<u32> {
-                    let endpoints = $crate::unpack_states(&packed);
-                    with(|p| p.balance(&req, &endpoints))
+                    ENDPOINTS.with(|e| {
+                        let mut endpoints = e.borrow_mut();
+                        $crate::unpack_states_into(&packed, &mut endpoints);
+                        with(|p| p.balance(&req, &endpoints))
+                    })
                 }
                 fn canary(req: $crate::Request, versions: Vec<$crate::VersionStats>) -> u32 {
                     with(|p| p.canary(&req, &versions))

@@ -4,7 +4,6 @@
 //! *fault*: the caller falls back to the native policy and the instance is discarded.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -166,7 +165,7 @@ pub struct Live {
     store: Store<StoreState>,
     policy: Policy,
     /// Keeps deadlines enforced while this instance exists.
-    _ticker: super::engine::TickerGuard,
+    ticker: super::engine::TickerGuard,
 }
 
 /// Why a call did not produce a usable decision.
@@ -228,22 +227,32 @@ impl Live {
             StoreLimitsBuilder::new().memory_size(engine.memory_limit).instances(4).trap_on_grow_failure(true).build();
         let mut store = Store::new(&engine.engine, StoreState { limits, plugin: name.clone(), shared: shared.clone() });
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(PluginEngine::ticks(init_deadline));
+        let call = ticker.begin_call(&mut store, PluginEngine::ticks(init_deadline));
         let policy = PolicyPre::new(pre.clone()).and_then(|p| p.instantiate(&mut store)).map_err(trap)?;
         let api = policy.switchyard_policy_plugin();
         api.call_init(&mut store, config_json).map_err(trap)?.map_err(Fault::Init)?;
         api.call_set_topology(&mut store, topology).map_err(trap)?;
-        Ok(Live { store, policy, _ticker: ticker })
+        drop(call);
+        Ok(Live { store, policy, ticker })
+    }
+
+    /// Runs one export under a deadline of `ticks`; a trap of any kind becomes a fault.
+    fn call<R>(
+        &mut self,
+        ticks: u64,
+        f: impl FnOnce(&mut Store<StoreState>, &abi::Guest) -> wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
+        let Live { store, policy, ticker } = self;
+        let _call = ticker.begin_call(store, ticks);
+        f(store, policy.switchyard_policy_plugin()).map_err(trap)
     }
 
     pub fn info(&mut self, deadline: Duration) -> Result<wit::PluginInfo, Fault> {
-        self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
-        self.policy.switchyard_policy_plugin().call_info(&mut self.store).map_err(trap)
+        self.call(PluginEngine::ticks(deadline), |s, p| p.call_info(s))
     }
 
     pub fn balance(&mut self, deadline_ticks: u64, req: wit::Request, packed: &[u32]) -> Result<Vec<u32>, Fault> {
-        self.store.set_epoch_deadline(deadline_ticks);
-        self.policy.switchyard_policy_plugin().call_balance(&mut self.store, req, packed).map_err(trap)
+        self.call(deadline_ticks, |s, p| p.call_balance(s, req, packed))
     }
 
     pub fn canary(
@@ -252,8 +261,7 @@ impl Live {
         req: wit::Request,
         versions: &[wit::VersionStats],
     ) -> Result<u32, Fault> {
-        self.store.set_epoch_deadline(deadline_ticks);
-        self.policy.switchyard_policy_plugin().call_canary(&mut self.store, req, versions).map_err(trap)
+        self.call(deadline_ticks, |s, p| p.call_canary(s, req, versions))
     }
 
     pub fn geo(
@@ -262,8 +270,7 @@ impl Live {
         req: wit::Request,
         regions: &[wit::RegionState],
     ) -> Result<wit::GeoDecision, Fault> {
-        self.store.set_epoch_deadline(deadline_ticks);
-        self.policy.switchyard_policy_plugin().call_geo(&mut self.store, req, regions).map_err(trap)
+        self.call(deadline_ticks, |s, p| p.call_geo(s, req, regions))
     }
 
     pub fn fallback(
@@ -272,8 +279,7 @@ impl Live {
         req: wit::Request,
         failure: wit::Failure,
     ) -> Result<wit::FallbackDecision, Fault> {
-        self.store.set_epoch_deadline(deadline_ticks);
-        self.policy.switchyard_policy_plugin().call_fallback(&mut self.store, req, failure).map_err(trap)
+        self.call(deadline_ticks, |s, p| p.call_fallback(s, req, failure))
     }
 }
 
@@ -317,9 +323,10 @@ pub struct PluginStats {
 }
 
 thread_local! {
-    /// Warm instances of this worker thread, by binding uid. A `Store` cannot cross
-    /// threads, so each worker keeps its own.
-    static WARM: RefCell<HashMap<u64, (Weak<Binding>, Live)>> = RefCell::new(HashMap::new());
+    /// Warm instances of this worker thread, with the uid of their binding. A `Store`
+    /// cannot cross threads, so each worker keeps its own. A thread holds a handful (one
+    /// per model and stage with a plugin), so a linear scan beats hashing.
+    static WARM: RefCell<Vec<(u64, Weak<Binding>, Live)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Binding {
@@ -328,24 +335,27 @@ impl Binding {
     fn with_live<R>(self: &Arc<Self>, f: impl FnOnce(&mut Live) -> Result<R, Fault>) -> Result<R, Fault> {
         WARM.with(|warm| {
             let mut warm = warm.borrow_mut();
-            if !warm.contains_key(&self.uid) {
-                // Forget instances whose binding was unpublished.
-                warm.retain(|_, (b, _)| b.strong_count() > 0);
-                let live = Live::start(
-                    &self.engine,
-                    &self.pre,
-                    &self.name,
-                    &self.shared,
-                    &self.config_json,
-                    &self.topology,
-                    self.deadline.max(Duration::from_millis(50)),
-                )?;
-                warm.insert(self.uid, (Arc::downgrade(self), live));
-            }
-            let (_, live) = warm.get_mut(&self.uid).expect("inserted above");
-            let result = f(live);
+            let at = match warm.iter().position(|w| w.0 == self.uid) {
+                Some(at) => at,
+                None => {
+                    // Forget instances whose binding was unpublished.
+                    warm.retain(|w| w.1.strong_count() > 0);
+                    let live = Live::start(
+                        &self.engine,
+                        &self.pre,
+                        &self.name,
+                        &self.shared,
+                        &self.config_json,
+                        &self.topology,
+                        self.deadline.max(Duration::from_millis(50)),
+                    )?;
+                    warm.push((self.uid, Arc::downgrade(self), live));
+                    warm.len() - 1
+                }
+            };
+            let result = f(&mut warm[at].2);
             if result.is_err() {
-                warm.remove(&self.uid);
+                warm.swap_remove(at);
             }
             result
         })
