@@ -9,7 +9,10 @@
 //!   budget of `prefill_chunk` tokens per step, so that long prompts cannot stall decoding) and
 //!   the last sampled token of every decoding sequence; all rows go through every layer's
 //!   projections and MLP as one matrix, attention runs per sequence against its own cache;
-//! * the tail returns one row of logits per sequence; sampling happens here.
+//! * each sequence's next token is sampled where the logits are: in the tail stage (or here
+//!   when this process is the whole model). The RNG stays here: the head draws each token's
+//!   uniform number and sends it with the temperature and top-p, so a seeded request gives
+//!   the same tokens whatever the number of stages, and only token ids travel back.
 //!
 //! A broken stage connection fails every sequence at once (HTTP 503, no hang), marks the
 //! replica unready, and the loop keeps trying to reconnect; when every stage answers again
@@ -28,7 +31,7 @@ use candle_core::Tensor;
 
 use crate::metrics::Metrics;
 use crate::model::{Chunk, SeqCache, Stage};
-use crate::wire::{ChunkHdr, Msg, PROTOCOL_VERSION, read_msg, write_msg};
+use crate::wire::{ChunkHdr, Msg, PROTOCOL_VERSION, SampleSpec, read_msg, write_msg};
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -457,9 +460,9 @@ impl Core {
         let id = self.next_id;
         self.next_id += 1;
         let chunks = vec![(id, 0usize, vec![self.cfg.stop_ids.first().copied().unwrap_or(0)])];
-        match self.forward(&chunks) {
-            Ok(logits) => {
-                let _ = argmax(&logits[0]);
+        let greedy = SampleSpec { temperature: 0.0, top_p: 1.0, u: 0.0 };
+        match self.forward(&chunks, &[Some(greedy)]) {
+            Ok(_) => {
                 self.caches.remove(&id);
                 for l in &mut self.links {
                     l.release.push(id);
@@ -495,7 +498,20 @@ impl Core {
             return;
         }
         self.shared.metrics.batch_size.observe(plan.len() as f64);
-        let logits = match self.forward(&plan) {
+        // A token for every chunk that reaches the end of its prompt (or is a decode step),
+        // with this step's draw from the sequence's RNG when it samples at random.
+        let specs: Vec<Option<SampleSpec>> = plan
+            .iter()
+            .map(|(id, pos, toks)| {
+                let s = self.active.iter_mut().find(|s| s.id == *id).unwrap();
+                (pos + toks.len() >= s.prompt.len()).then(|| SampleSpec {
+                    temperature: s.params.temperature,
+                    top_p: s.params.top_p,
+                    u: if is_greedy(s.params.temperature) { 0.0 } else { s.rng.next_f64() },
+                })
+            })
+            .collect();
+        let tokens = match self.forward(&plan, &specs) {
             Ok(l) => l,
             Err(StepError::Link(i, e)) => return self.link_failed(i, e),
             Err(StepError::Local(e)) => {
@@ -519,13 +535,12 @@ impl Core {
         let metrics = &self.shared.metrics;
         let stop_ids = &self.cfg.stop_ids;
         let mut done_ids = Vec::new();
-        for ((id, _, toks), row) in plan.iter().zip(logits) {
+        for ((id, _, toks), token) in plan.iter().zip(tokens) {
             let s = self.active.iter_mut().find(|s| s.id == *id).unwrap();
             s.fed += toks.len();
-            if s.fed < s.prompt.len() {
+            let Some(t) = token else {
                 continue; // more prompt to go
-            }
-            let t = sample(&row, &s.params, &mut s.rng);
+            };
             s.generated += 1;
             produced += 1;
             metrics.tokens_generated.inc();
@@ -570,8 +585,13 @@ impl Core {
         self.shared.metrics.tokens_per_second.set(rate);
     }
 
-    /// Runs one step through the whole pipeline; returns one logits row per chunk.
-    fn forward(&mut self, plan: &[(u64, usize, Vec<u32>)]) -> Result<Vec<Vec<f32>>, StepError> {
+    /// Runs one step through the whole pipeline; returns the token sampled for each chunk
+    /// with a `specs` entry.
+    fn forward(
+        &mut self,
+        plan: &[(u64, usize, Vec<u32>)],
+        specs: &[Option<SampleSpec>],
+    ) -> Result<Vec<Option<u32>>, StepError> {
         let ids: Vec<u32> = plan.iter().flat_map(|p| p.2.iter().copied()).collect();
         let lens: Vec<usize> = plan.iter().map(|p| p.2.len()).collect();
         let local = |core: &mut Core| -> Result<Tensor> {
@@ -601,15 +621,24 @@ impl Core {
         };
         let y = local(self).map_err(StepError::Local)?;
         if self.links.is_empty() {
-            return y.to_vec2::<f32>().map_err(|e| StepError::Local(e.into()));
+            let logits = y.to_vec2::<f32>().map_err(|e| StepError::Local(e.into()))?;
+            return Ok(logits.iter().zip(specs).map(|(row, spec)| spec.map(|p| sample_with(row, &p))).collect());
         }
         let (mut rows, mut cols) = y.dims2().map_err(|e| StepError::Local(e.into()))?;
         let mut data: Vec<f32> = y.flatten_all().and_then(|t| t.to_vec1()).map_err(|e| StepError::Local(e.into()))?;
         let hdrs: Vec<ChunkHdr> =
             plan.iter().map(|(id, pos, t)| ChunkHdr { seq: *id, pos: *pos as u32, len: t.len() as u32 }).collect();
-        for i in 0..self.links.len() {
+        let last = self.links.len() - 1;
+        for i in 0..last {
             let release = std::mem::take(&mut self.links[i].release);
-            let msg = Msg::Forward { release, chunks: hdrs.clone(), rows: rows as u32, cols: cols as u32, data };
+            let msg = Msg::Forward {
+                release,
+                chunks: hdrs.clone(),
+                rows: rows as u32,
+                cols: cols as u32,
+                data,
+                sample: vec![],
+            };
             match self.call(i, &msg) {
                 Ok(Msg::Output { rows: r, cols: c, data: d }) => {
                     rows = r as usize;
@@ -620,10 +649,18 @@ impl Core {
                 Err(e) => return Err(StepError::Link(i, e)),
             }
         }
-        if rows != plan.len() {
-            return Err(StepError::Local(anyhow!("tail returned {rows} rows for {} sequences", plan.len())));
+        let release = std::mem::take(&mut self.links[last].release);
+        let msg =
+            Msg::Forward { release, chunks: hdrs, rows: rows as u32, cols: cols as u32, data, sample: specs.to_vec() };
+        let ids = match self.call(last, &msg) {
+            Ok(Msg::Tokens { ids }) => ids,
+            Ok(other) => return Err(StepError::Link(last, anyhow!("unexpected reply {other:?}"))),
+            Err(e) => return Err(StepError::Link(last, e)),
+        };
+        if ids.len() != plan.len() {
+            return Err(StepError::Local(anyhow!("tail returned {} tokens for {} sequences", ids.len(), plan.len())));
         }
-        Ok(data.chunks_exact(cols).map(|c| c.to_vec()).collect())
+        Ok(ids.into_iter().zip(specs).map(|(id, spec)| spec.map(|_| id)).collect())
     }
 }
 
@@ -660,9 +697,21 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// Greedy when `temperature` is ~0; otherwise softmax with temperature and nucleus (top-p).
+/// Whether a temperature means greedy decoding (no random draw).
+pub fn is_greedy(temperature: f32) -> bool {
+    temperature <= 1e-5
+}
+
+/// Greedy when `temperature` is ~0; otherwise softmax with temperature and nucleus (top-p),
+/// with one draw from `rng`.
 pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
-    if p.temperature <= 1e-5 {
+    let u = if is_greedy(p.temperature) { 0.0 } else { rng.next_f64() };
+    sample_with(logits, &SampleSpec { temperature: p.temperature, top_p: p.top_p, u })
+}
+
+/// [`sample`] with the uniform draw given: what the tail stage runs for the head.
+pub fn sample_with(logits: &[f32], p: &SampleSpec) -> u32 {
+    if is_greedy(p.temperature) {
         return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -685,7 +734,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
         probs.truncate(keep);
     }
     let total: f64 = probs.iter().map(|x| x.1).sum();
-    let mut u = rng.next_f64() * total;
+    let mut u = p.u * total;
     for &(i, w) in &probs {
         if u < w {
             return i;

@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 
+use crate::engine::sample_with;
 use crate::model::{Chunk, SeqCache, Stage};
-use crate::wire::{Msg, PROTOCOL_VERSION, read_msg, write_msg};
+use crate::wire::{Msg, PROTOCOL_VERSION, SampleSpec, read_msg, write_msg};
 
 struct State {
     stage: Stage,
@@ -66,12 +67,12 @@ fn handle(conn: TcpStream, state: &Mutex<State>) -> Result<()> {
                     }
                 }
             }
-            Msg::Forward { release, chunks, rows, cols, data } => {
+            Msg::Forward { release, chunks, rows, cols, data, sample } => {
                 let mut st = state.lock().unwrap();
                 for s in release {
                     st.caches.remove(&s);
                 }
-                match forward(&mut st, &chunks, rows as usize, cols as usize, data) {
+                match forward(&mut st, &chunks, rows as usize, cols as usize, data, &sample) {
                     Ok(m) => m,
                     Err(e) => Msg::Error { message: format!("{e:#}") },
                 }
@@ -91,10 +92,23 @@ fn handle(conn: TcpStream, state: &Mutex<State>) -> Result<()> {
     Ok(())
 }
 
-fn forward(st: &mut State, chunks: &[crate::wire::ChunkHdr], rows: usize, cols: usize, data: Vec<f32>) -> Result<Msg> {
+fn forward(
+    st: &mut State,
+    chunks: &[crate::wire::ChunkHdr],
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+    sample: &[Option<SampleSpec>],
+) -> Result<Msg> {
     let State { stage, caches, .. } = st;
     if cols != stage.cfg.hidden {
         bail!("hidden size {cols} does not match the model's {}", stage.cfg.hidden);
+    }
+    if !sample.is_empty() && (!stage.is_tail() || sample.len() != chunks.len()) {
+        bail!(
+            "sampling asked of a stage that {}",
+            if stage.is_tail() { "got a different number of chunks" } else { "is not the tail" }
+        );
     }
     // Take the caches out of the table so that several can be borrowed mutably at once.
     let mut taken: Vec<(u64, SeqCache)> = Vec::with_capacity(chunks.len());
@@ -120,6 +134,12 @@ fn forward(st: &mut State, chunks: &[crate::wire::ChunkHdr], rows: usize, cols: 
         } else {
             y
         };
+        if !sample.is_empty() {
+            // The tail picks the tokens: one id per chunk goes back instead of its logits.
+            let logits = y.to_vec2::<f32>()?;
+            let ids = logits.iter().zip(sample).map(|(row, spec)| spec.map_or(u32::MAX, |p| sample_with(row, &p)));
+            return Ok(Msg::Tokens { ids: ids.collect() });
+        }
         let (r, c) = y.dims2()?;
         let data = y.flatten_all()?.to_vec1::<f32>()?;
         Ok(Msg::Output { rows: r as u32, cols: c as u32, data })

@@ -1,10 +1,13 @@
 //! Activation transport between pipeline stages: length-prefixed binary frames over TCP.
 //!
 //! Topology is a star driven by the head: the head sends a step's hidden states to stage 1,
-//! gets stage 1's output back, sends it to stage 2, and so on; the tail answers with logits
-//! (one row per chunk: the last position of each sequence in the step). Sampling stays in the
-//! head, which holds each request's parameters and RNG. The extra loopback hop per stage
-//! (576 floats per token) is negligible next to the layers' compute, and it keeps every
+//! gets stage 1's output back, sends it to stage 2, and so on. The head sends the tail, with
+//! the hidden states, how to pick each chunk's next token (temperature, top-p and the
+//! uniform draw from the request's RNG, which stays in the head); the tail applies its
+//! final norm and output head, samples, and answers with one token id per chunk instead of
+//! a 196 KB row of logits. Sampling is the same function on the same inputs wherever it
+//! runs, so a token does not depend on the number of stages. The extra loopback hop per
+//! stage (576 floats per token) is small next to the layers' compute, and it keeps every
 //! stage a plain server that a supervisor can start, stop and restart in any order.
 //!
 //! Frame: `u32 len` (little-endian, bytes after this field) `u8 kind` payload.
@@ -14,7 +17,8 @@ use std::io::{self, Read, Write};
 
 use anyhow::{Result, bail};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `Forward` carries sampling instructions for the tail, which answers `Tokens`.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Refuse frames larger than this (a corrupt length would otherwise allocate wildly).
 const MAX_FRAME: usize = 1 << 30;
 
@@ -23,6 +27,15 @@ pub struct ChunkHdr {
     pub seq: u64,
     pub pos: u32,
     pub len: u32,
+}
+
+/// How the tail picks one chunk's next token (see `engine::sample_with`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleSpec {
+    pub temperature: f32,
+    pub top_p: f32,
+    /// The uniform draw in [0, 1) the sampler uses (unused when greedy).
+    pub u: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -41,12 +54,19 @@ pub enum Msg {
         model_bytes: u64,
     },
     /// head -> stage: free these sequences, then run `chunks` (rows of `data` in order).
+    /// `sample` is empty for an inner stage; for the tail it has one entry per chunk (`None`:
+    /// the chunk ends inside its prompt, no token wanted) and the tail answers `Tokens`.
     Forward {
         release: Vec<u64>,
         chunks: Vec<ChunkHdr>,
         rows: u32,
         cols: u32,
         data: Vec<f32>,
+        sample: Vec<Option<SampleSpec>>,
+    },
+    /// tail -> head: the token picked for each chunk (`u32::MAX` where none was wanted).
+    Tokens {
+        ids: Vec<u32>,
     },
     /// stage -> head: hidden states (inner stage) or logits (tail), `rows x cols`.
     Output {
@@ -73,6 +93,12 @@ impl W {
         self.0.extend_from_slice(&v.to_le_bytes())
     }
     fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes())
+    }
+    fn f32(&mut self, v: f32) {
+        self.0.extend_from_slice(&v.to_le_bytes())
+    }
+    fn f64(&mut self, v: f64) {
         self.0.extend_from_slice(&v.to_le_bytes())
     }
     fn f32s(&mut self, v: &[f32]) {
@@ -104,6 +130,12 @@ impl R<'_> {
     fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
+    fn f32(&mut self) -> Result<f32> {
+        Ok(f32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn f64(&mut self) -> Result<f64> {
+        Ok(f64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
     fn f32s(&mut self, n: usize) -> Result<Vec<f32>> {
         let b = self.take(n.checked_mul(4).ok_or_else(|| anyhow::anyhow!("bad length"))?)?;
         let mut out = vec![0f32; n];
@@ -133,7 +165,7 @@ impl Msg {
                 }
                 w.u64(*model_bytes);
             }
-            Msg::Forward { release, chunks, rows, cols, data } => {
+            Msg::Forward { release, chunks, rows, cols, data, sample } => {
                 w.u8(3);
                 w.u32(release.len() as u32);
                 for s in release {
@@ -148,6 +180,25 @@ impl Msg {
                 w.u32(*rows);
                 w.u32(*cols);
                 w.f32s(data);
+                w.u32(sample.len() as u32);
+                for spec in sample {
+                    match spec {
+                        None => w.u8(0),
+                        Some(SampleSpec { temperature, top_p, u }) => {
+                            w.u8(1);
+                            w.f32(*temperature);
+                            w.f32(*top_p);
+                            w.f64(*u);
+                        }
+                    }
+                }
+            }
+            Msg::Tokens { ids } => {
+                w.u8(9);
+                w.u32(ids.len() as u32);
+                for id in ids {
+                    w.u32(*id);
+                }
             }
             Msg::Output { rows, cols, data } => {
                 w.u8(4);
@@ -195,7 +246,21 @@ impl Msg {
                 let rows = r.u32()?;
                 let cols = r.u32()?;
                 let data = r.f32s(rows as usize * cols as usize)?;
-                Msg::Forward { release, chunks, rows, cols, data }
+                let n = r.u32()? as usize;
+                let sample = (0..n)
+                    .map(|_| {
+                        Ok(match r.u8()? {
+                            0 => None,
+                            1 => Some(SampleSpec { temperature: r.f32()?, top_p: r.f32()?, u: r.f64()? }),
+                            k => bail!("bad sample tag {k}"),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Msg::Forward { release, chunks, rows, cols, data, sample }
+            }
+            9 => {
+                let n = r.u32()? as usize;
+                Msg::Tokens { ids: (0..n).map(|_| r.u32()).collect::<Result<Vec<_>>>()? }
             }
             4 => {
                 let rows = r.u32()?;
@@ -250,7 +315,17 @@ mod tests {
                 rows: 2,
                 cols: 2,
                 data: vec![1.0, -2.5, 3.25, f32::MIN],
+                sample: vec![],
             },
+            Msg::Forward {
+                release: vec![],
+                chunks: vec![ChunkHdr { seq: 1, pos: 4, len: 1 }, ChunkHdr { seq: 2, pos: 0, len: 1 }],
+                rows: 2,
+                cols: 1,
+                data: vec![0.5, 0.75],
+                sample: vec![Some(SampleSpec { temperature: 0.7, top_p: 0.9, u: 0.123456789 }), None],
+            },
+            Msg::Tokens { ids: vec![17, u32::MAX] },
             Msg::Output { rows: 1, cols: 3, data: vec![0.5, 0.25, 0.125] },
             Msg::Release { seqs: vec![42] },
             Msg::Ping,

@@ -188,6 +188,21 @@ fn two_stage_replica_end_to_end() {
     assert!(finish.is_some());
     assert_eq!(usage.unwrap(), pv["usage"]);
 
+    // Sampling at random happens in the tail here, with the head's seeded draws: a seeded
+    // request gives the same text as from a single-process replica.
+    let sampled = json!({"prompt": "My favourite animal is", "max_tokens": 12, "temperature": 0.9,
+                         "top_p": 0.95, "seed": 7});
+    let text_of =
+        |a: &str| post(a, "/v1/completions", &sampled).json()["choices"][0]["text"].as_str().unwrap().to_string();
+    let two_stages = text_of(&addr);
+    let one_stage = {
+        let single = start(1);
+        text_of(&single.addr)
+    };
+    eprintln!("sampled: {two_stages:?}");
+    assert_eq!(two_stages, one_stage, "seeded sampling must not depend on the number of stages");
+    assert_eq!(text_of(&addr), two_stages, "the same seed gives the same text");
+
     // Streamed plain completion.
     let s =
         post(&addr, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": true}));
