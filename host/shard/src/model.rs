@@ -585,11 +585,13 @@ pub fn device_for(spec: &str, index: usize) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
+            // candle's `cuda_is_available` only says whether the feature was compiled in:
+            // opening the device is the real test. A host without a GPU i (or without a
+            // driver) runs this stage on the CPU.
             #[cfg(feature = "cuda")]
-            {
-                if candle_core::utils::cuda_is_available() {
-                    return Ok(Device::new_cuda(index)?);
-                }
+            match Device::new_cuda(index) {
+                Ok(d) => return Ok(d),
+                Err(e) => eprintln!("stage {index}: no CUDA device {index} ({e}); using the CPU"),
             }
             let _ = index;
             Ok(Device::Cpu)
@@ -598,7 +600,7 @@ pub fn device_for(spec: &str, index: usize) -> Result<Device> {
             #[cfg(feature = "cuda")]
             {
                 let ord = s.strip_prefix("cuda:").map(|n| n.parse()).transpose()?.unwrap_or(index);
-                return Ok(Device::new_cuda(ord)?);
+                return Device::new_cuda(ord).with_context(|| format!("--device {s}: cannot open CUDA device {ord}"));
             }
             #[cfg(not(feature = "cuda"))]
             bail!("device {s} requested but switchyard-shard was built without the `cuda` feature")
