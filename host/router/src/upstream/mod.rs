@@ -166,7 +166,28 @@ impl Endpoint {
         if self.healthy.swap(healthy, Relaxed) != healthy {
             self.metrics.healthy.set(healthy as i64);
             tracing::warn!(endpoint = %self.name, healthy, "endpoint health changed");
+            if healthy {
+                self.forgive();
+            }
         }
+    }
+
+    /// An endpoint that the active checks saw go down and come back (typically a process
+    /// that crashed and was restarted) starts over: not ejected, circuit closed, failure
+    /// window empty, ejection back-off at its base, latency unmeasured. Without this, a restarted replica would
+    /// sit out the back-off its predecessor earned, up to `max_ejection`. An endpoint that
+    /// fails requests while passing its checks never goes down here, so passive ejection
+    /// and the breaker still contain it.
+    fn forgive(&self) {
+        let mut f = self.failure.lock().unwrap();
+        f.reset();
+        self.circuit.store(f.circuit as u8, Relaxed);
+        self.metrics.circuit.set(f.circuit as i64);
+        self.ejected_until_ms.store(0, Relaxed);
+        self.metrics.ejected.set(0);
+        self.error_rate.store(0f32.to_bits(), Relaxed);
+        // Its latency estimate was inflated by the failures: unmeasured again.
+        self.ewma_us.store(0f64.to_bits(), Relaxed);
     }
 
     fn snapshot(&self, now_ms: u64) -> EndpointSnapshot {

@@ -207,6 +207,11 @@ impl FailureState {
         self.ejected_until_ms
     }
 
+    /// Forgets every failure: what a restarted endpoint starts from.
+    pub fn reset(&mut self) {
+        *self = FailureState::new(self.breaker.clone(), self.outlier.clone());
+    }
+
     /// Failure share over the rolling window (0 when empty).
     pub fn error_rate(&self, now_ms: u64) -> f32 {
         let (total, failures) = self.window.totals(now_ms);
@@ -286,6 +291,24 @@ mod tests {
         // 20 s later the three failures are gone; one more does not reach min_requests.
         assert!(!s.record(20_000, Outcome::ServerFailure, false).opened);
         assert_eq!(s.error_rate(20_000), 1.0);
+    }
+
+    #[test]
+    fn reset_forgets_ejections_and_the_open_circuit() {
+        let mut f = state(2, 2);
+        for _ in 0..4 {
+            f.record(0, Outcome::ServerFailure, false);
+        }
+        assert_eq!(f.circuit, Circuit::Open);
+        f.eject(0);
+        f.eject(0);
+        f.reset();
+        assert_eq!(f.circuit, Circuit::Closed);
+        assert_eq!((f.ejected_until_ms, f.consecutive_failures), (0, 0));
+        assert_eq!(f.error_rate(0), 0.0);
+        // Back-off starts again at its base.
+        let base = f.outlier.base_ejection.as_millis() as u64;
+        assert_eq!(f.eject(1_000), 1_000 + base);
     }
 
     #[test]
