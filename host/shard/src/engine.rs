@@ -628,39 +628,36 @@ impl Core {
         let mut data: Vec<f32> = y.flatten_all().and_then(|t| t.to_vec1()).map_err(|e| StepError::Local(e.into()))?;
         let hdrs: Vec<ChunkHdr> =
             plan.iter().map(|(id, pos, t)| ChunkHdr { seq: *id, pos: *pos as u32, len: t.len() as u32 }).collect();
-        let last = self.links.len() - 1;
-        for i in 0..last {
-            let release = std::mem::take(&mut self.links[i].release);
+        // Each stage in turn; the last one also gets the sampling instructions and answers
+        // with the tokens.
+        let tail = self.links.len() - 1;
+        for i in 0..=tail {
             let msg = Msg::Forward {
-                release,
+                release: std::mem::take(&mut self.links[i].release),
                 chunks: hdrs.clone(),
                 rows: rows as u32,
                 cols: cols as u32,
                 data,
-                sample: vec![],
+                sample: if i == tail { specs.to_vec() } else { Vec::new() },
             };
             match self.call(i, &msg) {
-                Ok(Msg::Output { rows: r, cols: c, data: d }) => {
+                Ok(Msg::Output { rows: r, cols: c, data: d }) if i < tail => {
                     rows = r as usize;
                     cols = c as usize;
                     data = d;
+                }
+                Ok(Msg::Tokens { ids }) if i == tail => {
+                    if ids.len() != plan.len() {
+                        let n = plan.len();
+                        return Err(StepError::Local(anyhow!("tail returned {} tokens for {n} sequences", ids.len())));
+                    }
+                    return Ok(ids.into_iter().zip(specs).map(|(id, spec)| spec.map(|_| id)).collect());
                 }
                 Ok(other) => return Err(StepError::Link(i, anyhow!("unexpected reply {other:?}"))),
                 Err(e) => return Err(StepError::Link(i, e)),
             }
         }
-        let release = std::mem::take(&mut self.links[last].release);
-        let msg =
-            Msg::Forward { release, chunks: hdrs, rows: rows as u32, cols: cols as u32, data, sample: specs.to_vec() };
-        let ids = match self.call(last, &msg) {
-            Ok(Msg::Tokens { ids }) => ids,
-            Ok(other) => return Err(StepError::Link(last, anyhow!("unexpected reply {other:?}"))),
-            Err(e) => return Err(StepError::Link(last, e)),
-        };
-        if ids.len() != plan.len() {
-            return Err(StepError::Local(anyhow!("tail returned {} tokens for {} sequences", ids.len(), plan.len())));
-        }
-        Ok(ids.into_iter().zip(specs).map(|(id, spec)| spec.map(|_| id)).collect())
+        unreachable!("the tail's answer returns from the loop")
     }
 }
 
@@ -702,14 +699,9 @@ pub fn is_greedy(temperature: f32) -> bool {
     temperature <= 1e-5
 }
 
-/// Greedy when `temperature` is ~0; otherwise softmax with temperature and nucleus (top-p),
-/// with one draw from `rng`.
-pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
-    let u = if is_greedy(p.temperature) { 0.0 } else { rng.next_f64() };
-    sample_with(logits, &SampleSpec { temperature: p.temperature, top_p: p.top_p, u })
-}
-
-/// [`sample`] with the uniform draw given: what the tail stage runs for the head.
+/// Picks the next token: greedy when `temperature` is ~0; otherwise softmax with
+/// temperature and nucleus (top-p), using the uniform draw `p.u` the head took from the
+/// request's RNG. The same function runs in the head or in the tail stage.
 pub fn sample_with(logits: &[f32], p: &SampleSpec) -> u32 {
     if is_greedy(p.temperature) {
         return argmax(logits);

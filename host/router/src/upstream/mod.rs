@@ -174,10 +174,10 @@ impl Endpoint {
 
     /// An endpoint that the active checks saw go down and come back (typically a process
     /// that crashed and was restarted) starts over: not ejected, circuit closed, failure
-    /// window empty, ejection back-off at its base, latency unmeasured. Without this, a restarted replica would
-    /// sit out the back-off its predecessor earned, up to `max_ejection`. An endpoint that
-    /// fails requests while passing its checks never goes down here, so passive ejection
-    /// and the breaker still contain it.
+    /// window empty, ejection back-off at its base, latency unmeasured. Without this, a
+    /// restarted replica would sit out the back-off its predecessor earned, up to
+    /// `max_ejection`. An endpoint that fails requests while passing its checks never goes
+    /// down here, so passive ejection and the breaker still contain it.
     fn forgive(&self) {
         let mut f = self.failure.lock().unwrap();
         f.reset();
