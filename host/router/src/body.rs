@@ -7,11 +7,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use crate::client::PooledBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::outcome::RequestRecord;
@@ -32,7 +32,7 @@ pub fn boxed_full(bytes: impl Into<Bytes>) -> ResBody {
 pin_project_lite::pin_project! {
     pub struct RelayBody {
         first: Option<Frame<Bytes>>,
-        inner: Incoming,
+        inner: PooledBody,
         #[pin]
         idle: Sleep,
         idle_timeout: Duration,
@@ -120,7 +120,7 @@ impl RelayBody {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         first: Frame<Bytes>,
-        inner: Incoming,
+        inner: PooledBody,
         idle_timeout: Duration,
         attempt: Attempt,
         record: RequestRecord,

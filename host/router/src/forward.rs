@@ -11,9 +11,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{RelayBody, ResBody, Resumable, boxed_full};
 use crate::error::ApiError;
@@ -24,20 +21,11 @@ use crate::router::Model;
 use crate::select::{PowerOfTwoChoices, RequestFacts, Selector, sanitize};
 use crate::upstream::{Attempt, Endpoint, EndpointSnapshot, Outcome, now_ms};
 
-pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+pub use crate::client::UpstreamClient;
 
 /// A pooled keep-alive client for one model's endpoints.
 pub fn client(connect_timeout: Duration) -> UpstreamClient {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.set_keepalive(Some(Duration::from_secs(30)));
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .build(http)
+    UpstreamClient::new(connect_timeout, Duration::from_secs(90), 1024)
 }
 
 /// Why an attempt failed. Every variant is a server-side failure and may be retried.
@@ -258,8 +246,11 @@ impl Failure {
     }
 }
 
-fn classify(e: hyper_util::client::legacy::Error) -> Failure {
-    if e.is_connect() { Failure::Connect(error_chain(&e)) } else { Failure::Broken(error_chain(&e)) }
+fn classify(e: crate::client::ClientError) -> Failure {
+    match e {
+        crate::client::ClientError::Connect(e) => Failure::Connect(e),
+        crate::client::ClientError::Broken(e) => Failure::Broken(e),
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

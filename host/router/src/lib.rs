@@ -2,12 +2,14 @@
 //!
 //! The request path, module by module:
 //! `listener` → `router` (dispatch) → `admission` → `select` → `forward` → `outcome`,
-//! with `upstream` holding endpoint state (health, breaker, ejection, retry budget)
-//! and `metrics` the Prometheus registry.
+//! with `upstream` holding endpoint state (health, breaker, ejection, retry budget),
+//! `client` the pooled keep-alive connections to model servers and `metrics` the
+//! Prometheus registry.
 #![deny(unsafe_code)]
 
 pub mod admission;
 pub mod body;
+pub mod client;
 pub mod config;
 pub mod degraded;
 pub mod error;

@@ -248,7 +248,10 @@ impl Connection {
         let svc = service_fn(move |req| {
             let router = router.clone();
             async move {
-                let res = if admin { router.handle_admin(req, peer).await } else { router.handle(req, peer).await };
+                // The request's future is a few KB and hyper moves the service future on its
+                // way into the connection task: on the heap it is written once.
+                let res =
+                    if admin { router.handle_admin(req, peer).await } else { Box::pin(router.handle(req, peer)).await };
                 Ok::<_, std::convert::Infallible>(res)
             }
         });

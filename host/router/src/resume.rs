@@ -16,10 +16,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client::PooledBody;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Request};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use crate::router::Model;
 use crate::select::{PowerOfTwoChoices, RequestFacts, Selector, sanitize};
@@ -224,7 +224,7 @@ impl Splice {
     }
 }
 
-pub type Resumed = Pin<Box<dyn Future<Output = Option<(Incoming, Attempt)>> + Send>>;
+pub type Resumed = Pin<Box<dyn Future<Output = Option<(PooledBody, Attempt)>> + Send>>;
 
 /// Starts the continuation on another endpoint: the future answers with the new stream
 /// once it has sent its headers with 2xx, or `None` when no endpoint took it within

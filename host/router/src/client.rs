@@ -1,0 +1,468 @@
+//! The upstream HTTP/1.1 client: keep-alive connections to model servers, pooled per host.
+//!
+//! Each data-plane worker owns one client per model (see `Model::client`), so a pooled
+//! connection, its connection task and the request that uses it all live on one thread and
+//! the pool's lock is never contended. Compared with a general-purpose client it does less
+//! per request: a checkout is a lock, a scan of that host's idle connections and a pop; a
+//! connection goes back to the pool the moment its response body ends ([`PooledBody`]); no
+//! task is spawned per request.
+//!
+//! Behaviour a proxy relies on:
+//! - **Failure classes.** [`ClientError::Connect`] when no connection could be made (DNS,
+//!   refused, the connect timeout): nothing reached the server. [`ClientError::Broken`] for
+//!   everything after (reset, closed mid-answer, malformed answer).
+//! - **Stale connections.** A server may close an idle keep-alive connection at any time. A
+//!   pooled connection whose close has been seen is never handed out, and a request that
+//!   finds its connection closed before any byte of it was written is sent again on another
+//!   one. A request written into a connection the server closed at that very moment fails
+//!   as `Broken` (it may have reached the server); the forwarder's retry takes it from there.
+//! - **Cancellation.** Dropping a request's future (a timeout) closes that connection; it
+//!   never returns to the pool. So does dropping a response body before its end.
+//! - **Idle limits.** A connection idle longer than `idle_timeout` is closed at the next
+//!   checkout; at most `max_idle_per_host` idle connections are kept per host.
+//!
+//! Requests may carry an absolute URI (`http://host:port/path`): the client connects to its
+//! authority, sends the path in origin form and sets `Host`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderValue, Request, Response, Uri, header};
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+
+type Sender = SendRequest<Full<Bytes>>;
+
+/// How many times a request is moved to another connection when the one it was given
+/// turned out closed before the request was written.
+const STALE_RETRIES: usize = 3;
+
+/// A pooled keep-alive HTTP/1.1 client; cheap to clone (the clones share the pool).
+#[derive(Clone)]
+pub struct UpstreamClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_host: usize,
+    /// Idle connections per host, most recently used last. Few hosts per client (a model's
+    /// endpoints), so a scan beats hashing.
+    idle: Mutex<Vec<Host>>,
+}
+
+struct Host {
+    authority: Authority,
+    conns: Vec<Idle>,
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub enum ClientError {
+    /// No connection: nothing was sent.
+    Connect(String),
+    /// The connection failed after the request was (or may have been) sent.
+    Broken(String),
+}
+
+impl ClientError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, ClientError::Connect(_))
+    }
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Connect(e) => write!(f, "connect: {e}"),
+            ClientError::Broken(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl UpstreamClient {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle_per_host: usize) -> Self {
+        UpstreamClient {
+            inner: Arc::new(Inner { connect_timeout, idle_timeout, max_idle_per_host, idle: Mutex::new(Vec::new()) }),
+        }
+    }
+
+    /// Sends `req` (absolute URI, `http` scheme) and returns the response head; the body
+    /// streams from the connection, which returns to the pool when the body ends.
+    pub async fn request(&self, mut req: Request<Full<Bytes>>) -> Result<Response<PooledBody>, ClientError> {
+        let uri = req.uri();
+        if uri.scheme().is_some_and(|s| s != &http::uri::Scheme::HTTP) {
+            return Err(ClientError::Connect(format!("unsupported scheme in {uri}")));
+        }
+        let Some(authority) = uri.authority().cloned() else {
+            return Err(ClientError::Connect(format!("no host in {uri}")));
+        };
+        let origin = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(origin);
+        if !req.headers().contains_key(header::HOST) {
+            let host = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| ClientError::Connect(format!("invalid host {authority}")))?;
+            req.headers_mut().insert(header::HOST, host);
+        }
+        let mut req = req;
+        for _ in 0..STALE_RETRIES {
+            let (mut sender, reused) = match self.inner.checkout(&authority) {
+                Some(s) => (s, true),
+                // Boxed: the connect path is cold and its future large; every request's
+                // future would carry it otherwise.
+                None => (Box::pin(self.connect(&authority)).await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(res) => {
+                    let lease = Lease { pool: self.inner.clone(), authority, sender };
+                    return Ok(res.map(|body| PooledBody { inner: body, lease: Some(lease) }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: the pooled connection had closed. Try another.
+                    Some(back) if reused => req = back,
+                    _ => return Err(ClientError::Broken(error_chain(e.error()))),
+                },
+            }
+        }
+        // Every pooled connection tried was stale: a fresh one decides.
+        let mut sender = Box::pin(self.connect(&authority)).await?;
+        match sender.try_send_request(req).await {
+            Ok(res) => {
+                let lease = Lease { pool: self.inner.clone(), authority, sender };
+                Ok(res.map(|body| PooledBody { inner: body, lease: Some(lease) }))
+            }
+            Err(e) => Err(ClientError::Broken(error_chain(e.error()))),
+        }
+    }
+
+    /// Opens a connection within the connect timeout and starts its connection task on
+    /// this thread's runtime.
+    async fn connect(&self, authority: &Authority) -> Result<Sender, ClientError> {
+        let timeout = self.inner.connect_timeout;
+        let io = match tokio::time::timeout(timeout, open(authority)).await {
+            Err(_) => return Err(ClientError::Connect(format!("{authority}: timed out after {timeout:?}"))),
+            Ok(Err(e)) => return Err(ClientError::Connect(format!("{authority}: {e}"))),
+            Ok(Ok(io)) => io,
+        };
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ClientError::Connect(format!("{authority}: {}", error_chain(&e))))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!("upstream connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Idle connections in the pool (tests).
+    pub fn idle_count(&self) -> usize {
+        self.inner.idle.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|h| h.conns.len()).sum()
+    }
+}
+
+impl Inner {
+    /// The most recently used live idle connection to `authority`; closed and expired ones
+    /// met on the way are dropped.
+    fn checkout(&self, authority: &Authority) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let host = idle.iter_mut().find(|h| h.authority == *authority)?;
+        while let Some(c) = host.conns.pop() {
+            if c.since.elapsed() <= self.idle_timeout && c.sender.is_ready() {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, authority: Authority, sender: Sender) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let i = match idle.iter().position(|h| h.authority == authority) {
+            Some(i) => i,
+            None => {
+                idle.push(Host { authority, conns: Vec::new() });
+                idle.len() - 1
+            }
+        };
+        let conns = &mut idle[i].conns;
+        if conns.len() >= self.max_idle_per_host {
+            // The oldest goes (it is the likeliest to be closed by the server).
+            conns.remove(0);
+        }
+        conns.push(Idle { sender, since: Instant::now() });
+    }
+}
+
+/// A connected socket to `authority` (an IP literal, or a name resolved here), with
+/// `TCP_NODELAY` and keep-alive probes on.
+async fn open(authority: &Authority) -> std::io::Result<tokio::net::TcpStream> {
+    let port = authority.port_u16().unwrap_or(80);
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::net::lookup_host((host, port)).await?.collect(),
+    };
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("no address for {host}"));
+    for addr in addrs {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_nodelay(true)?;
+        socket.set_keepalive(true)?;
+        match socket.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// A connection on loan to one response: back to the pool when the body has ended.
+struct Lease {
+    pool: Arc<Inner>,
+    authority: Authority,
+    sender: Sender,
+}
+
+impl Lease {
+    fn release(self) {
+        let Lease { pool, authority, mut sender } = self;
+        if sender.is_ready() {
+            pool.checkin(authority, sender);
+        } else if !sender.is_closed() {
+            // The connection task has not taken up the next request yet: it does so on its
+            // next poll, on this thread.
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    pool.checkin(authority, sender);
+                }
+            });
+        }
+    }
+}
+
+/// An upstream response body. Its connection returns to the pool when the last frame has
+/// been read; dropped earlier, the connection closes with it.
+pub struct PooledBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledBody").field("pooled", &self.lease.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            None => self.release(),
+            Some(Ok(_)) if self.inner.is_end_stream() => self.release(),
+            // A failed body leaves the connection in an unknown state.
+            Some(Err(_)) => self.lease = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// How the scripted server answers each request on a connection.
+    #[derive(Clone, Copy)]
+    enum Script {
+        /// `200 ok`, keep-alive.
+        KeepAlive,
+        /// `200 ok` without `Connection: close`; 10 ms later the server closes the connection
+        /// (an idle timeout).
+        CloseAfterAnswer,
+        /// A chunked body whose end is never sent.
+        EndlessChunks,
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        connections: Arc<AtomicUsize>,
+        heads: Arc<Mutex<Vec<String>>>,
+    }
+
+    async fn server(script: Script) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (c, h) = (connections.clone(), heads.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                        h.lock().unwrap().push(String::from_utf8_lossy(&buf[..end]).into_owned());
+                        buf.drain(..end + 4);
+                        match script {
+                            Script::KeepAlive | Script::CloseAfterAnswer => {
+                                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+                                if matches!(script, Script::CloseAfterAnswer) {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                    return;
+                                }
+                            }
+                            Script::EndlessChunks => {
+                                s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n")
+                                    .await
+                                    .unwrap();
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Server { addr, connections, heads }
+    }
+
+    fn client() -> UpstreamClient {
+        UpstreamClient::new(Duration::from_secs(2), Duration::from_secs(90), 16)
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+        Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).unwrap()
+    }
+
+    async fn text(c: &UpstreamClient, req: Request<Full<Bytes>>) -> String {
+        let res = c.request(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn keeps_one_connection_alive_for_sequential_requests() {
+        let s = server(Script::KeepAlive).await;
+        let c = client();
+        for _ in 0..5 {
+            assert_eq!(text(&c, get(s.addr, "/v1/models")).await, "ok");
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(c.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn sends_origin_form_with_the_host_header() {
+        let s = server(Script::KeepAlive).await;
+        text(&client(), get(s.addr, "/health?deep=1")).await;
+        let head = s.heads.lock().unwrap()[0].to_lowercase();
+        assert!(head.starts_with("get /health?deep=1 http/1.1\r\n"), "{head}");
+        assert!(head.contains(&format!("\r\nhost: {}", s.addr)), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_not_reused() {
+        let s = server(Script::CloseAfterAnswer).await;
+        let c = client();
+        for i in 0..5 {
+            assert_eq!(text(&c, get(s.addr, "/")).await, "ok", "request {i}");
+            // The server closes the connection while it is idle in the pool: it must not
+            // be used again.
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_takes_its_connection_with_it() {
+        let s = server(Script::EndlessChunks).await;
+        let c = client();
+        for _ in 0..2 {
+            let mut body = c.request(get(s.addr, "/")).await.unwrap().into_body();
+            let first = body.frame().await.unwrap().unwrap();
+            assert_eq!(first.data_ref().unwrap(), &Bytes::from_static(b"hi"));
+            drop(body);
+            assert_eq!(c.idle_count(), 0);
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let e = client().request(get(addr, "/")).await.unwrap_err();
+        assert!(e.is_connect(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_past_its_timeout_is_not_reused() {
+        let s = server(Script::KeepAlive).await;
+        let c = UpstreamClient::new(Duration::from_secs(2), Duration::from_millis(50), 16);
+        text(&c, get(s.addr, "/")).await;
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        text(&c, get(s.addr, "/")).await;
+        assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+    }
+}
