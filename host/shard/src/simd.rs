@@ -963,9 +963,11 @@ fn attend_body(a: &Attn, scores: &mut [f32], out: &mut [f32], dot: impl Fn(&[f32
     }
     for s in scores.chunks_exact_mut(len) {
         let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
         for x in s.iter_mut() {
-            *x = (*x - max).exp();
+            *x = exp(*x - max);
+        }
+        let mut sum = 0f32;
+        for x in s.iter() {
             sum += *x;
         }
         for x in s.iter_mut() {
@@ -982,4 +984,73 @@ fn attend_body(a: &Attn, scores: &mut [f32], out: &mut [f32], dot: impl Fn(&[f32
             }
         }
     }
+}
+
+/// `e^x` without libm, in operations that vectorize: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`
+/// (ln 2 split in two parts for an exact reduction), a degree-7 polynomial for `e^r` (the
+/// classic single-precision minimax coefficients), then `2^n` put into the exponent bits.
+/// Within 2 ulp of the exact value over the clamped range `[-87, 88]` (outside it the
+/// result is that of the bound: `e^-87 ≈ 1.6e-38`, `e^88 ≈ 1.7e38`; the callers take
+/// `e^-v` of activations and `e^(s - max)` of attention scores, nowhere near either).
+/// Every instruction set computes the same value: fused multiply-adds everywhere.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer (|t| < 2^22).
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.0 {
+        -87.0
+    } else if x > 88.0 {
+        88.0
+    } else {
+        x
+    };
+    let n = x.mul_add(LOG2E, ROUND) - ROUND;
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    let p = 1.987_569_1e-4f32
+        .mul_add(r, 1.398_2e-3)
+        .mul_add(r, 8.333_452e-3)
+        .mul_add(r, 4.166_579_6e-2)
+        .mul_add(r, 0.166_666_65)
+        .mul_add(r, 0.5);
+    let p = (p * r).mul_add(r, r) + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `out[i] = silu(a[i]) · b[i]`, `silu(v) = v / (1 + e^-v)`: the MLP's gate.
+pub fn silu_mul(a: &[f32], b: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the target features are checked at run time.
+        unsafe {
+            match Isa::detect() {
+                Isa::Avx512 => return silu_mul_avx512(a, b, out),
+                Isa::Avx2 => return silu_mul_avx2(a, b, out),
+                Isa::Scalar => {}
+            }
+        }
+    }
+    silu_mul_body(a, b, out)
+}
+
+#[inline(always)]
+fn silu_mul_body(a: &[f32], b: &[f32], out: &mut [f32]) {
+    for ((o, &v), &g) in out.iter_mut().zip(a).zip(b) {
+        *o = v / (1.0 + exp(-v)) * g;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn silu_mul_avx512(a: &[f32], b: &[f32], out: &mut [f32]) {
+    silu_mul_body(a, b, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_avx2(a: &[f32], b: &[f32], out: &mut [f32]) {
+    silu_mul_body(a, b, out)
 }
