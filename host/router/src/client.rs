@@ -120,7 +120,6 @@ impl UpstreamClient {
                 .map_err(|_| ClientError::Connect(format!("invalid host {authority}")))?;
             req.headers_mut().insert(header::HOST, host);
         }
-        let mut req = req;
         for _ in 0..STALE_RETRIES {
             let (mut sender, reused) = match self.inner.checkout(&authority) {
                 Some(s) => (s, true),
@@ -129,10 +128,7 @@ impl UpstreamClient {
                 None => (Box::pin(self.connect(&authority)).await?, false),
             };
             match sender.try_send_request(req).await {
-                Ok(res) => {
-                    let lease = Lease { pool: self.inner.clone(), authority, sender };
-                    return Ok(res.map(|body| PooledBody { inner: body, lease: Some(lease) }));
-                }
+                Ok(res) => return Ok(self.lend(res, authority, sender)),
                 Err(mut e) => match e.take_message() {
                     // Never written: the pooled connection had closed. Try another.
                     Some(back) if reused => req = back,
@@ -143,12 +139,15 @@ impl UpstreamClient {
         // Every pooled connection tried was stale: a fresh one decides.
         let mut sender = Box::pin(self.connect(&authority)).await?;
         match sender.try_send_request(req).await {
-            Ok(res) => {
-                let lease = Lease { pool: self.inner.clone(), authority, sender };
-                Ok(res.map(|body| PooledBody { inner: body, lease: Some(lease) }))
-            }
+            Ok(res) => Ok(self.lend(res, authority, sender)),
             Err(e) => Err(ClientError::Broken(error_chain(e.error()))),
         }
+    }
+
+    /// The response, its body holding the connection until it ends.
+    fn lend(&self, res: Response<Incoming>, authority: Authority, sender: Sender) -> Response<PooledBody> {
+        let lease = Lease { pool: self.inner.clone(), authority, sender };
+        res.map(|body| PooledBody { inner: body, lease: Some(lease) })
     }
 
     /// Opens a connection within the connect timeout and starts its connection task on
@@ -232,7 +231,8 @@ async fn open(authority: &Authority) -> std::io::Result<tokio::net::TcpStream> {
     Err(last)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// `e` and its sources, joined by `: `.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {

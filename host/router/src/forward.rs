@@ -13,6 +13,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 
 use crate::body::{RelayBody, ResBody, Resumable, boxed_full};
+use crate::client::error_chain;
 use crate::error::ApiError;
 use crate::outcome::RequestRecord;
 use crate::plugin::{PluginSet, wit_request};
@@ -251,17 +252,6 @@ fn classify(e: crate::client::ClientError) -> Failure {
         crate::client::ClientError::Connect(e) => Failure::Connect(e),
         crate::client::ClientError::Broken(e) => Failure::Broken(e),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 /// A non-streaming attempt: the whole answer within `timeouts.request`.
