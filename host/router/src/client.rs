@@ -447,6 +447,15 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_host_name_is_resolved() {
+        let s = server(Script::KeepAlive).await;
+        let req = Request::get(format!("http://localhost:{}/", s.addr.port())).body(Full::new(Bytes::new())).unwrap();
+        assert_eq!(text(&client(), req).await, "ok");
+        let head = s.heads.lock().unwrap()[0].to_lowercase();
+        assert!(head.contains(&format!("\r\nhost: localhost:{}", s.addr.port())), "{head}");
+    }
+
+    #[tokio::test]
     async fn a_refused_connection_is_a_connect_error() {
         let addr = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
