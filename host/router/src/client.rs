@@ -18,8 +18,9 @@
 //!   as `Broken` (it may have reached the server); the forwarder's retry takes it from there.
 //! - **Cancellation.** Dropping a request's future (a timeout) closes that connection; it
 //!   never returns to the pool. So does dropping a response body before its end.
-//! - **Idle limits.** A connection idle longer than `idle_timeout` is closed at the next
-//!   checkout; at most `max_idle_per_host` idle connections are kept per host.
+//! - **Idle limits.** A connection idle longer than `idle_timeout` is closed when a checkout
+//!   meets it or when another connection to its host comes back; at most
+//!   `max_idle_per_host` idle connections are kept per host.
 //!
 //! Requests may carry an absolute URI (`http://host:port/path`): the client connects to its
 //! authority, sends the path in origin form and sets `Host`.
@@ -201,11 +202,16 @@ impl Inner {
             }
         };
         let conns = &mut idle[i].conns;
+        // The oldest are at the front: those idle too long are closed here, so a burst's
+        // connections do not stay open behind the few that steady traffic reuses.
+        let now = Instant::now();
+        let expired = conns.iter().take_while(|c| now.duration_since(c.since) > self.idle_timeout).count();
+        conns.drain(..expired);
         if conns.len() >= self.max_idle_per_host {
             // The oldest goes (it is the likeliest to be closed by the server).
             conns.remove(0);
         }
-        conns.push(Idle { sender, since: Instant::now() });
+        conns.push(Idle { sender, since: now });
     }
 }
 
@@ -444,6 +450,25 @@ mod tests {
             assert_eq!(c.idle_count(), 0);
         }
         assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_bursts_connections_close_once_idle_too_long() {
+        let s = server(Script::KeepAlive).await;
+        let c = UpstreamClient::new(Duration::from_secs(2), Duration::from_millis(200), 16);
+        // Three at once: three connections, all pooled afterwards.
+        let (a, b, d) =
+            tokio::join!(text(&c, get(s.addr, "/")), text(&c, get(s.addr, "/")), text(&c, get(s.addr, "/")));
+        assert_eq!((a.as_str(), b.as_str(), d.as_str()), ("ok", "ok", "ok"));
+        assert_eq!(c.idle_count(), 3);
+        // Steady traffic then reuses the most recent one only; the other two outlive the
+        // idle timeout behind it and are closed when it comes back.
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            text(&c, get(s.addr, "/")).await;
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 3);
+        assert_eq!(c.idle_count(), 1);
     }
 
     #[tokio::test]
