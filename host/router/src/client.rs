@@ -19,8 +19,13 @@
 //! - **Cancellation.** Dropping a request's future (a timeout) closes that connection; it
 //!   never returns to the pool. So does dropping a response body before its end.
 //! - **Idle limits.** A connection idle longer than `idle_timeout` is closed when a checkout
-//!   meets it or when another connection to its host comes back; at most
-//!   `max_idle_per_host` idle connections are kept per host.
+//!   meets it or when any connection of this client comes back; at most
+//!   `max_idle_per_host` idle connections are kept per host. A body that ends before it
+//!   starts (204, `content-length: 0`) returns its connection at once, polled or not.
+//! - **Connect.** One timeout covers resolving and connecting; a name's addresses are tried
+//!   in turn, each with its share of it. `TCP_NODELAY` on; keep-alive probes on at the
+//!   kernel's interval (idle pooled connections are closed long before they matter, and a
+//!   stalled stream is cut by the forwarder's idle timeout).
 //!
 //! Requests may carry an absolute URI (`http://host:port/path`): the client connects to its
 //! authority, sends the path in origin form and sets `Host`.
@@ -117,8 +122,12 @@ impl UpstreamClient {
         let origin = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(origin);
         if !req.headers().contains_key(header::HOST) {
-            let host = HeaderValue::from_str(authority.as_str())
-                .map_err(|_| ClientError::Connect(format!("invalid host {authority}")))?;
+            // `Host` never carries the URL's `user:pass@`.
+            let host = match authority.as_str().rsplit_once('@') {
+                None => HeaderValue::from_str(authority.as_str()),
+                Some((_, host)) => HeaderValue::from_str(host),
+            }
+            .map_err(|_| ClientError::Connect(format!("invalid host {authority}")))?;
             req.headers_mut().insert(header::HOST, host);
         }
         for _ in 0..STALE_RETRIES {
@@ -148,14 +157,22 @@ impl UpstreamClient {
     /// The response, its body holding the connection until it ends.
     fn lend(&self, res: Response<Incoming>, authority: Authority, sender: Sender) -> Response<PooledBody> {
         let lease = Lease { pool: self.inner.clone(), authority, sender };
-        res.map(|body| PooledBody { inner: body, lease: Some(lease) })
+        res.map(|body| {
+            let mut body = PooledBody { inner: body, lease: Some(lease) };
+            // A body that is over before it starts (204, HEAD, `content-length: 0`) may never
+            // be polled (hyper's server skips it): its connection goes back now.
+            if body.inner.is_end_stream() {
+                body.release();
+            }
+            body
+        })
     }
 
     /// Opens a connection within the connect timeout and starts its connection task on
     /// this thread's runtime.
     async fn connect(&self, authority: &Authority) -> Result<Sender, ClientError> {
         let timeout = self.inner.connect_timeout;
-        let io = match tokio::time::timeout(timeout, open(authority)).await {
+        let io = match tokio::time::timeout(timeout, open(authority, timeout)).await {
             Err(_) => return Err(ClientError::Connect(format!("{authority}: timed out after {timeout:?}"))),
             Ok(Err(e)) => return Err(ClientError::Connect(format!("{authority}: {e}"))),
             Ok(Ok(io)) => io,
@@ -201,12 +218,19 @@ impl Inner {
                 idle.len() - 1
             }
         };
-        let conns = &mut idle[i].conns;
-        // The oldest are at the front: those idle too long are closed here, so a burst's
-        // connections do not stay open behind the few that steady traffic reuses.
+        // The oldest are at the front: those idle too long are closed here, for every host
+        // (a client serves a model's few endpoints), so neither a burst's connections behind
+        // the few that steady traffic reuses, nor those of an endpoint traffic left (ejected,
+        // drained), stay open.
         let now = Instant::now();
-        let expired = conns.iter().take_while(|c| now.duration_since(c.since) > self.idle_timeout).count();
-        conns.drain(..expired);
+        for host in idle.iter_mut() {
+            let expired = host.conns.iter().take_while(|c| now.duration_since(c.since) > self.idle_timeout).count();
+            host.conns.drain(..expired);
+        }
+        if self.max_idle_per_host == 0 {
+            return;
+        }
+        let conns = &mut idle[i].conns;
         if conns.len() >= self.max_idle_per_host {
             // The oldest goes (it is the likeliest to be closed by the server).
             conns.remove(0);
@@ -216,8 +240,10 @@ impl Inner {
 }
 
 /// A connected socket to `authority` (an IP literal, or a name resolved here), with
-/// `TCP_NODELAY` and keep-alive probes on.
-async fn open(authority: &Authority) -> std::io::Result<tokio::net::TcpStream> {
+/// `TCP_NODELAY` and keep-alive probes on. A name's addresses are tried in turn, each with
+/// its share of `timeout`: one that silently drops the attempt (a stale address, a family
+/// without a route) cannot use up the time the next one needs.
+async fn open(authority: &Authority, timeout: Duration) -> std::io::Result<tokio::net::TcpStream> {
     let port = authority.port_u16().unwrap_or(80);
     let host = authority.host().trim_start_matches('[').trim_end_matches(']');
     let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
@@ -225,13 +251,15 @@ async fn open(authority: &Authority) -> std::io::Result<tokio::net::TcpStream> {
         Err(_) => tokio::net::lookup_host((host, port)).await?.collect(),
     };
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("no address for {host}"));
+    let share = timeout / addrs.len().max(1) as u32;
     for addr in addrs {
         let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
         socket.set_nodelay(true)?;
         socket.set_keepalive(true)?;
-        match socket.connect(addr).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = e,
+        match tokio::time::timeout(share, socket.connect(addr)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{addr}: timed out")),
         }
     }
     Err(last)
@@ -264,8 +292,10 @@ impl Lease {
         } else if !sender.is_closed() {
             // The connection task has not taken up the next request yet: it does so on its
             // next poll, on this thread.
+            // Bounded: a server that answered before reading all of the request and then
+            // neither reads nor closes would otherwise hold this task and its socket forever.
             tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
+                if let Ok(Ok(())) = tokio::time::timeout(pool.idle_timeout, sender.ready()).await {
                     pool.checkin(authority, sender);
                 }
             });
@@ -339,6 +369,8 @@ mod tests {
         CloseAfterAnswer,
         /// A chunked body whose end is never sent.
         EndlessChunks,
+        /// `204 No Content`, keep-alive.
+        NoContent,
     }
 
     struct Server {
@@ -377,6 +409,9 @@ mod tests {
                                     tokio::time::sleep(Duration::from_millis(10)).await;
                                     return;
                                 }
+                            }
+                            Script::NoContent => {
+                                s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
                             }
                             Script::EndlessChunks => {
                                 s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n")
@@ -469,6 +504,52 @@ mod tests {
         }
         assert_eq!(s.connections.load(Ordering::SeqCst), 3);
         assert_eq!(c.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_a_body_returns_its_connection_unread() {
+        let s = server(Script::NoContent).await;
+        let c = client();
+        for _ in 0..3 {
+            let res = c.request(get(s.addr, "/")).await.unwrap();
+            assert_eq!(res.status(), 204);
+            drop(res); // never polled, as hyper's server does with an empty body
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert_eq!(c.idle_count(), 1);
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_host_traffic_left_has_its_idle_connections_closed() {
+        let (a, b) = (server(Script::KeepAlive).await, server(Script::KeepAlive).await);
+        let c = UpstreamClient::new(Duration::from_secs(2), Duration::from_millis(50), 16);
+        text(&c, get(a.addr, "/")).await;
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        // Only `b` gets traffic now: its connection coming back closes `a`'s stale one.
+        text(&c, get(b.addr, "/")).await;
+        assert_eq!(c.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_pool_of_size_zero_keeps_nothing() {
+        let s = server(Script::KeepAlive).await;
+        let c = UpstreamClient::new(Duration::from_secs(2), Duration::from_secs(90), 0);
+        for _ in 0..2 {
+            assert_eq!(text(&c, get(s.addr, "/")).await, "ok");
+        }
+        assert_eq!(c.idle_count(), 0);
+        assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_host_header_leaves_out_credentials() {
+        let s = server(Script::KeepAlive).await;
+        let req = Request::get(format!("http://user:secret@{}/", s.addr)).body(Full::new(Bytes::new())).unwrap();
+        text(&client(), req).await;
+        let head = s.heads.lock().unwrap()[0].to_lowercase();
+        assert!(head.contains(&format!("\r\nhost: {}", s.addr)), "{head}");
+        assert!(!head.contains("secret"), "{head}");
     }
 
     #[tokio::test]
