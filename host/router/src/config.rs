@@ -489,6 +489,12 @@ pub struct Timeouts {
     /// Longest silence between two chunks of a stream.
     #[serde(with = "humantime_serde")]
     pub idle: Duration,
+    /// How long a kept-alive connection to an endpoint may sit idle in the pool. Set it
+    /// below the model server's own keep-alive timeout (uvicorn's is 5 s) so that the
+    /// router, not the server, closes idle connections: then no request is ever written
+    /// into a connection the server is closing.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -498,6 +504,7 @@ impl Default for Timeouts {
             request: Duration::from_secs(60),
             first_byte: Duration::from_secs(30),
             idle: Duration::from_secs(30),
+            pool_idle: Duration::from_secs(90),
         }
     }
 }
@@ -974,6 +981,15 @@ url = "http://127.0.0.1:9001"
         assert_eq!(cfg.models[0].retry.max_attempts, 3);
         assert_eq!(cfg.models[0].health_check.max_latency, Duration::from_secs(2));
         assert_eq!(cfg.models[0].endpoints.get_ref()[0].display_name(), "127.0.0.1:9001");
+    }
+
+    #[test]
+    fn the_pool_idle_timeout_defaults_to_90s_and_can_be_set() {
+        assert_eq!(parse(GOOD).unwrap().models[0].timeouts.pool_idle, Duration::from_secs(90));
+        let text = GOOD.replace("name = \"m\"", "name = \"m\"\ntimeouts = { pool_idle = \"4s\" }");
+        let cfg = parse(&text).unwrap();
+        assert_eq!(cfg.models[0].timeouts.pool_idle, Duration::from_secs(4));
+        assert_eq!(cfg.models[0].timeouts.connect, Duration::from_secs(1), "the others keep their defaults");
     }
 
     #[test]

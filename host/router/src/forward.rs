@@ -25,8 +25,8 @@ use crate::upstream::{Attempt, Endpoint, EndpointSnapshot, Outcome, now_ms};
 pub use crate::client::UpstreamClient;
 
 /// A pooled keep-alive client for one model's endpoints.
-pub fn client(connect_timeout: Duration) -> UpstreamClient {
-    UpstreamClient::new(connect_timeout, Duration::from_secs(90), 1024)
+pub fn client(connect_timeout: Duration, pool_idle: Duration) -> UpstreamClient {
+    UpstreamClient::new(connect_timeout, pool_idle, 1024)
 }
 
 /// Why an attempt failed. Every variant is a server-side failure and may be retried.

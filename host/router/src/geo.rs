@@ -102,7 +102,9 @@ impl Geo {
             names,
             client_header: HeaderName::from_bytes(cfg.client_region_header.as_bytes()).expect("validated"),
             remotes,
-            clients: (0..=workers).map(|_| forward::client(cfg.probe_timeout)).collect(),
+            clients: (0..=workers)
+                .map(|_| forward::client(cfg.probe_timeout, std::time::Duration::from_secs(90)))
+                .collect(),
             forward_timeout: cfg.forward_timeout,
             probe_interval: cfg.probe_interval,
             probe_timeout: cfg.probe_timeout,

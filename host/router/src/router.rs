@@ -96,7 +96,8 @@ impl Router {
         for (index, m) in cfg.models.iter().enumerate() {
             let name = m.name.get_ref().clone();
             let pool = Arc::new(Pool::new(m, &metrics));
-            let clients: Vec<_> = (0..=workers).map(|_| forward::client(m.timeouts.connect)).collect();
+            let clients: Vec<_> =
+                (0..=workers).map(|_| forward::client(m.timeouts.connect, m.timeouts.pool_idle)).collect();
             health::spawn(pool.clone(), m.health_check.clone(), clients[workers].clone(), stop_rx.clone());
             let model = Model {
                 index,
