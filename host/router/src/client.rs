@@ -490,7 +490,7 @@ mod tests {
     #[tokio::test]
     async fn a_bursts_connections_close_once_idle_too_long() {
         let s = server(Script::KeepAlive).await;
-        let c = UpstreamClient::new(Duration::from_secs(2), Duration::from_millis(200), 16);
+        let c = UpstreamClient::new(Duration::from_secs(2), Duration::from_millis(500), 16);
         // Three at once: three connections, all pooled afterwards.
         let (a, b, d) =
             tokio::join!(text(&c, get(s.addr, "/")), text(&c, get(s.addr, "/")), text(&c, get(s.addr, "/")));
@@ -498,8 +498,8 @@ mod tests {
         assert_eq!(c.idle_count(), 3);
         // Steady traffic then reuses the most recent one only; the other two outlive the
         // idle timeout behind it and are closed when it comes back.
-        for _ in 0..8 {
-            tokio::time::sleep(Duration::from_millis(40)).await;
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
             text(&c, get(s.addr, "/")).await;
         }
         assert_eq!(s.connections.load(Ordering::SeqCst), 3);
