@@ -130,12 +130,15 @@ impl UpstreamClient {
             .map_err(|_| ClientError::Connect(format!("invalid host {authority}")))?;
             req.headers_mut().insert(header::HOST, host);
         }
-        for _ in 0..STALE_RETRIES {
-            let (mut sender, reused) = match self.inner.checkout(&authority) {
-                Some(s) => (s, true),
+        // Pooled connections first; after `STALE_RETRIES` stale ones, a fresh one decides.
+        for tries in 0.. {
+            let pooled = if tries < STALE_RETRIES { self.inner.checkout(&authority) } else { None };
+            let reused = pooled.is_some();
+            let mut sender = match pooled {
+                Some(s) => s,
                 // Boxed: the connect path is cold and its future large; every request's
                 // future would carry it otherwise.
-                None => (Box::pin(self.connect(&authority)).await?, false),
+                None => Box::pin(self.connect(&authority)).await?,
             };
             match sender.try_send_request(req).await {
                 Ok(res) => return Ok(self.lend(res, authority, sender)),
@@ -146,12 +149,7 @@ impl UpstreamClient {
                 },
             }
         }
-        // Every pooled connection tried was stale: a fresh one decides.
-        let mut sender = Box::pin(self.connect(&authority)).await?;
-        match sender.try_send_request(req).await {
-            Ok(res) => Ok(self.lend(res, authority, sender)),
-            Err(e) => Err(ClientError::Broken(error_chain(e.error()))),
-        }
+        unreachable!("the loop returns")
     }
 
     /// The response, its body holding the connection until it ends.
@@ -290,10 +288,10 @@ impl Lease {
         if sender.is_ready() {
             pool.checkin(authority, sender);
         } else if !sender.is_closed() {
-            // The connection task has not taken up the next request yet: it does so on its
-            // next poll, on this thread.
-            // Bounded: a server that answered before reading all of the request and then
-            // neither reads nor closes would otherwise hold this task and its socket forever.
+            // The connection task has not taken up the next request yet (it does so on its
+            // next poll, on this thread). The wait is bounded: a server that answered before
+            // reading all of the request and then neither reads nor closes would otherwise
+            // hold this task and its socket forever.
             tokio::spawn(async move {
                 if let Ok(Ok(())) = tokio::time::timeout(pool.idle_timeout, sender.ready()).await {
                     pool.checkin(authority, sender);

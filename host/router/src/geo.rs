@@ -103,7 +103,7 @@ impl Geo {
             client_header: HeaderName::from_bytes(cfg.client_region_header.as_bytes()).expect("validated"),
             remotes,
             clients: (0..=workers)
-                .map(|_| forward::client(cfg.probe_timeout, std::time::Duration::from_secs(90)))
+                .map(|_| forward::client(cfg.probe_timeout, crate::config::Timeouts::default().pool_idle))
                 .collect(),
             forward_timeout: cfg.forward_timeout,
             probe_interval: cfg.probe_interval,

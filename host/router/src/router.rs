@@ -384,7 +384,7 @@ impl Router {
         // already forwarded here).
         if let Some(geo) = &self.geo
             && !parts.headers.contains_key(geo::HOP_HEADER)
-            && let Some(res) = Box::pin(self.route_geo(geo, model, &facts, &parts, &body, peer)).await
+            && let Some(res) = self.route_geo(geo, model, &facts, &parts, &body, peer).await
         {
             return res;
         }
@@ -406,9 +406,7 @@ impl Router {
             let res = forward::forward(model, facts, out, record, self.limits.max_response_bytes, None).await.response;
             return self.stamp_region(res);
         }
-        // Boxed, as the geo stage above: the common path's future stays small (it is moved
-        // a few times on its way into hyper's connection task).
-        let res = Box::pin(self.degrade(model, facts, &parts, &body, peer, started, permit, charge)).await;
+        let res = self.degrade(model, facts, &parts, &body, peer, started, permit, charge).await;
         self.stamp_region(res)
     }
 

@@ -119,17 +119,13 @@ impl BlockMatrix {
             self.matmul_tiled(isa, x, y);
             return Ok(());
         }
-        // A 64-byte load that straddles two cache lines costs about twice an aligned one,
-        // and the kernel loads every activation once per output feature: rows that are not
-        // 64-byte aligned (the allocator promises 16) are copied to a buffer that is. Each
-        // row is `k` values, a multiple of 32, so every row starts aligned too.
-        let aligned;
-        let x = if (x.as_ptr() as usize).is_multiple_of(64) {
-            x
-        } else {
-            aligned = AlignedRows::copy_of(x);
-            aligned.as_slice()
-        };
+        with_aligned(x, |x| self.matmul_rows(isa, x, y));
+        Ok(())
+    }
+
+    /// The `fused` product proper, `x` 64-byte aligned.
+    fn matmul_rows(&self, isa: Isa, x: &[f32], y: &mut [f32]) {
+        let m = x.len() / self.k;
         let out = OutPtr(y.as_mut_ptr());
         let run = |cols: Range<usize>| {
             let out = &out;
@@ -156,7 +152,6 @@ impl BlockMatrix {
         } else {
             candle_core::utils::barrier_pool().execute_chunked(self.n, run);
         }
-        Ok(())
     }
 }
 
@@ -193,30 +188,35 @@ impl BlockMatrix {
     }
 }
 
-/// f32 values in 64-byte aligned storage.
-struct AlignedRows {
-    lines: Vec<Line>,
-    len: usize,
-}
-
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([f32; 16]);
 
-impl AlignedRows {
-    fn copy_of(x: &[f32]) -> Self {
-        let mut lines = vec![Line([0.0; 16]); x.len().div_ceil(16)];
+thread_local! {
+    /// This thread's aligned copy of misaligned activations, reused: a step makes one per
+    /// projection.
+    static ALIGNED: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Calls `f` with `x` in 64-byte aligned storage. The `fused` kernel loads every activation
+/// once per output feature, and a 64-byte load that straddles two cache lines costs about
+/// twice an aligned one; the allocator only promises 16. So rows that are not aligned are
+/// copied to a buffer that is (each row is `k` values, a multiple of 32: every row starts
+/// aligned too).
+fn with_aligned<R>(x: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
+    if (x.as_ptr() as usize).is_multiple_of(64) {
+        return f(x);
+    }
+    ALIGNED.with_borrow_mut(|lines| {
+        lines.clear();
+        lines.resize(x.len().div_ceil(16), Line([0.0; 16]));
         for (line, src) in lines.iter_mut().zip(x.chunks(16)) {
             line.0[..src.len()].copy_from_slice(src);
         }
-        AlignedRows { lines, len: x.len() }
-    }
-
-    fn as_slice(&self) -> &[f32] {
         // SAFETY: `Line` is 16 f32 and nothing else (`repr(C)`, 64 bytes, no padding), so
-        // the lines are `16 · lines.len() >= len` contiguous initialised f32.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const f32, self.len) }
-    }
+        // the lines are `16 · lines.len() >= x.len()` contiguous initialised f32.
+        f(unsafe { std::slice::from_raw_parts(lines.as_ptr() as *const f32, x.len()) })
+    })
 }
 
 struct OutPtr(*mut f32);
