@@ -356,6 +356,31 @@ async fn artifacts_are_cached_across_restarts_and_deleting_the_file_unloads_it()
     assert!(counts.len() >= 2, "native policy spreads traffic again: {counts:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_plugin_folder_is_only_rescanned_on_the_interval() {
+    // Every scan opens the folder, and the watcher sees that open: were opens counted as
+    // changes, each scan would schedule the next (20 a second at this debounce).
+    let (_ups, router) = setup(Some("round-robin"), "", "").await;
+    let first = router.plugin_status("bal").await;
+    assert_eq!(first["state"], "active");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = router.metric("switchyard_plugin_scans_total", &[]).await.expect("scan counter");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = router.metric("switchyard_plugin_scans_total", &[]).await.unwrap();
+    // `rescan_interval = "1s"`: three periodic scans, one more for timer slack.
+    assert!(after - before <= 4.0, "{before} -> {after} scans in 3 s of an unchanged folder");
+
+    // A real change is still picked up through the watcher, well before the next rescan
+    // would find it.
+    std::fs::copy(policy("testkit-pin0"), router.plugin_dir().join("bal.wasm.tmp")).unwrap();
+    std::fs::rename(router.plugin_dir().join("bal.wasm.tmp"), router.plugin_dir().join("bal.wasm")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while router.plugin_status("bal").await["sha256"] == first["sha256"] {
+        assert!(Instant::now() < deadline, "the swapped file was never loaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
 fn plugin_check_validates_offline_and_says_why() {
     let run = |file: &std::path::Path| {

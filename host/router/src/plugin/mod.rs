@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, PluginsConfig};
@@ -119,6 +119,7 @@ struct PluginMetrics {
     faults: IntCounterVec,
     fallbacks: IntCounterVec,
     quarantines: IntCounterVec,
+    scans: IntCounter,
     active: IntGaugeVec,
 }
 
@@ -207,6 +208,11 @@ impl PluginHost {
                 &["model", "stage"],
             )?,
             quarantines: counter("switchyard_plugin_quarantines_total", "Plugin versions quarantined", &["plugin"])?,
+            scans: {
+                let c = IntCounter::new("switchyard_plugin_scans_total", "Scans of the plugin folder")?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             active,
         };
         let (quarantine_tx, quarantine_rx) = mpsc::unbounded_channel();
@@ -254,7 +260,7 @@ impl PluginHost {
         use notify::{RecursiveMode, Watcher};
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok() {
+            if ev.is_ok_and(|ev| changes_folder(&ev.kind)) {
                 let _ = tx.send(());
             }
         })?;
@@ -281,6 +287,7 @@ impl PluginHost {
     /// Brings the registry in line with the folder, then publishes.
     pub fn scan(&self) {
         let _scan = self.scan_lock.lock().unwrap();
+        self.metrics.scans.inc();
         let files = list_components(&self.cfg.dir);
         let mut changed = false;
         for (name, path) in &files {
@@ -499,6 +506,20 @@ impl PluginHost {
 
 /// `*.wasm` files in `dir` by plugin name (the file stem). Hidden files and other
 /// extensions are ignored: publishing is "write `.name.wasm.tmp`, then rename".
+/// Whether a watcher event can change what the folder holds. notify also reports opens
+/// and read-only closes, and every scan opens the folder: counting those would make each
+/// scan schedule the next one.
+fn changes_folder(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        // A writer closing its file: the moment a copied-in component is complete.
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 fn list_components(dir: &Path) -> Vec<(String, PathBuf)> {
     let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut out: Vec<(String, PathBuf)> = rd
