@@ -76,6 +76,43 @@ struct Idle {
     since: Instant,
 }
 
+/// Where one endpoint's requests go: its authority and `Host` value, worked out once.
+///
+/// Both are built over process-lifetime strings ([`Target::for_process`]; endpoints are
+/// fixed when the router starts), so copying them per request writes no reference count
+/// that the other worker threads write too, and the pool finds the target's connections by
+/// address before comparing names.
+#[derive(Clone, Debug)]
+pub struct Target {
+    authority: Authority,
+    host: HeaderValue,
+}
+
+impl Target {
+    /// Builds the target of `authority`, keeping its text for the rest of the process:
+    /// meant for the router's endpoints, a fixed set, never for per-request values.
+    pub fn for_process(authority: &Authority) -> Target {
+        let text: &'static str = Box::leak(authority.as_str().to_owned().into_boxed_str());
+        // `Host` never carries the URL's `user:pass@`.
+        let host = text.rsplit_once('@').map_or(text, |(_, host)| host);
+        Target {
+            authority: Authority::from_maybe_shared(Bytes::from_static(text.as_bytes()))
+                .expect("a parsed authority stays valid"),
+            host: HeaderValue::from_maybe_shared(Bytes::from_static(host.as_bytes()))
+                .expect("an authority is a valid header value"),
+        }
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+}
+
+/// Same authority: the same process-lifetime text (a [`Target`]'s), or equal text.
+fn same_authority(a: &Authority, b: &Authority) -> bool {
+    std::ptr::eq(a.as_str(), b.as_str()) || a == b
+}
+
 /// Why a request got no response.
 #[derive(Debug)]
 pub enum ClientError {
@@ -109,6 +146,17 @@ impl UpstreamClient {
         }
     }
 
+    /// Sends `req` (origin-form URI, no `Host` needed) to `target`: the request path's way
+    /// in, with the target's authority and `Host` worked out once instead of per request.
+    pub async fn send(
+        &self,
+        target: &Target,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<Response<PooledBody>, ClientError> {
+        req.headers_mut().insert(header::HOST, target.host.clone());
+        self.send_origin(target.authority.clone(), req).await
+    }
+
     /// Sends `req` (absolute URI, `http` scheme) and returns the response head; the body
     /// streams from the connection, which returns to the pool when the body ends.
     pub async fn request(&self, mut req: Request<Full<Bytes>>) -> Result<Response<PooledBody>, ClientError> {
@@ -130,6 +178,14 @@ impl UpstreamClient {
             .map_err(|_| ClientError::Connect(format!("invalid host {authority}")))?;
             req.headers_mut().insert(header::HOST, host);
         }
+        self.send_origin(authority, req).await
+    }
+
+    async fn send_origin(
+        &self,
+        authority: Authority,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<Response<PooledBody>, ClientError> {
         // Pooled connections first; after `STALE_RETRIES` stale ones, a fresh one decides.
         for tries in 0.. {
             let pooled = if tries < STALE_RETRIES { self.inner.checkout(&authority) } else { None };
@@ -198,7 +254,7 @@ impl Inner {
     /// met on the way are dropped.
     fn checkout(&self, authority: &Authority) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let host = idle.iter_mut().find(|h| h.authority == *authority)?;
+        let host = idle.iter_mut().find(|h| same_authority(&h.authority, authority))?;
         while let Some(c) = host.conns.pop() {
             if c.since.elapsed() <= self.idle_timeout && c.sender.is_ready() {
                 return Some(c.sender);
@@ -209,7 +265,7 @@ impl Inner {
 
     fn checkin(&self, authority: Authority, sender: Sender) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let i = match idle.iter().position(|h| h.authority == authority) {
+        let i = match idle.iter().position(|h| same_authority(&h.authority, &authority)) {
             Some(i) => i,
             None => {
                 idle.push(Host { authority, conns: Vec::new() });

@@ -35,7 +35,7 @@ enum Failure {
     Broken(String),
     Timeout,
     /// A 5xx answer, kept whole in case it is the last one: then the client gets it as is.
-    Status(http::response::Parts, Bytes),
+    Status(http::response::Parts, Bytes, &'static str),
 }
 
 /// The parts of the client's request that every attempt reuses.
@@ -147,8 +147,8 @@ pub async fn forward(
     }
 
     match last {
-        Some(Failure::Status(parts, body)) => {
-            finish_record(record, Some(attempt_name(&parts)), parts.status);
+        Some(Failure::Status(parts, body, endpoint)) => {
+            finish_record(record, Some(endpoint), parts.status);
             Forwarded::failed(Response::from_parts(parts, boxed_full(body)), FailKind::ServerError)
         }
         Some(Failure::Timeout) => {
@@ -227,10 +227,6 @@ fn canary_version(model: &Model, set: &PluginSet, facts: &RequestFacts<'_>) -> O
     }
 }
 
-fn parts_endpoint(parts: &http::response::Parts) -> Option<&str> {
-    parts.headers.get(X_ENDPOINT).and_then(|v| v.to_str().ok())
-}
-
 fn reply_error(record: RequestRecord, err: ApiError) -> Response<ResBody> {
     finish_record(record, None, err.status);
     err.into_response()
@@ -242,7 +238,7 @@ impl Failure {
             Failure::Connect(e) => format!("connect: {e}"),
             Failure::Broken(e) => format!("connection broken: {e}"),
             Failure::Timeout => "timed out".into(),
-            Failure::Status(p, _) => format!("status {}", p.status),
+            Failure::Status(p, _, _) => format!("status {}", p.status),
         }
     }
 }
@@ -265,7 +261,7 @@ async fn try_whole(
     limit: Duration,
 ) -> Result<Response<ResBody>, (Failure, RequestRecord)> {
     let exchange = async {
-        let res = model.client().request(req).await.map_err(classify)?;
+        let res = model.client().send(&attempt.endpoint().target, req).await.map_err(classify)?;
         let (parts, body) = res.into_parts();
         let bytes = Limited::new(body, max_response_bytes)
             .collect()
@@ -287,11 +283,12 @@ async fn try_whole(
     };
     response_headers(&mut parts.headers, attempt.endpoint(), attempts);
     if parts.status.is_server_error() {
+        let endpoint = attempt.endpoint().name_static;
         attempt.finish(Outcome::ServerFailure, None);
-        return Err((Failure::Status(parts, bytes), record));
+        return Err((Failure::Status(parts, bytes, endpoint), record));
     }
     let outcome = if parts.status.is_client_error() { Outcome::ClientError } else { Outcome::Success };
-    let endpoint = attempt.endpoint().name_arc.clone();
+    let endpoint = attempt.endpoint().name_static;
     attempt.finish(outcome, None);
     let mut record = record;
     if record.counts_tokens() {
@@ -307,7 +304,7 @@ async fn try_whole(
     Ok(Response::from_parts(parts, boxed_full(bytes)))
 }
 
-fn finish_record(mut record: RequestRecord, endpoint: Option<Arc<str>>, status: StatusCode) {
+fn finish_record(mut record: RequestRecord, endpoint: Option<&'static str>, status: StatusCode) {
     if status.is_server_error() {
         // Nothing was generated for the tenant: give its tokens back.
         record.settle_tokens(0);
@@ -329,11 +326,11 @@ async fn try_stream(
 ) -> Result<Response<ResBody>, (Failure, RequestRecord)> {
     let started = Instant::now();
     let head = async {
-        let res = model.client().request(req).await.map_err(classify)?;
+        let res = model.client().send(&attempt.endpoint().target, req).await.map_err(classify)?;
         let (parts, mut body) = res.into_parts();
         if parts.status.is_server_error() {
             let bytes = Limited::new(body, 64 * 1024).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            return Err(Failure::Status(parts, bytes));
+            return Err(Failure::Status(parts, bytes, attempt.endpoint().name_static));
         }
         // Wait for the first data frame: until then the client has seen nothing.
         let first = loop {
@@ -353,7 +350,7 @@ async fn try_stream(
     let (mut parts, body, first) = match head {
         Ok(h) => h,
         Err(mut f) => {
-            if let Failure::Status(parts, _) = &mut f {
+            if let Failure::Status(parts, _, _) = &mut f {
                 response_headers(&mut parts.headers, attempt.endpoint(), attempts);
             }
             attempt.finish(Outcome::ServerFailure, None);
@@ -364,11 +361,12 @@ async fn try_stream(
     let ttfb = started.elapsed();
     let outcome = if parts.status.is_client_error() { Outcome::ClientError } else { Outcome::Success };
     let Some(first) = first else {
+        let endpoint = attempt.endpoint().name_static;
         attempt.finish(outcome, Some(ttfb));
-        finish_record(record, Some(attempt_name(&parts)), parts.status);
+        finish_record(record, Some(endpoint), parts.status);
         return Ok(Response::from_parts(parts, boxed_full(Bytes::new())));
     };
-    record.answered(Some(attempt.endpoint().name_arc.clone()), parts.status.as_u16(), Instant::now());
+    record.answered(Some(attempt.endpoint().name_static), parts.status.as_u16(), Instant::now());
     parts.headers.remove(header::CONTENT_LENGTH);
     let resume = resume_ctx.take().filter(|_| parts.status.is_success()).map(|mut ctx| {
         ctx.tried.push(attempt.endpoint().index as u32);
@@ -376,10 +374,6 @@ async fn try_stream(
     });
     let body = RelayBody::new(first, body, model.timeouts.idle, attempt, record, ttfb, outcome, resume);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
-}
-
-fn attempt_name(parts: &http::response::Parts) -> Arc<str> {
-    Arc::from(parts_endpoint(parts).unwrap_or("unknown"))
 }
 
 const X_ENDPOINT: &str = "x-switchyard-endpoint";
@@ -397,7 +391,15 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.iter().any(|h| h == name)
+}
+
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: comparing the few names decides without hashing any.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Headers named in `Connection` are hop-by-hop too.
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -415,8 +417,18 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
 pub(crate) fn upstream_headers(out: &Outbound<'_>) -> HeaderMap {
     let mut h = out.parts.headers.clone();
     strip_hop_by_hop(&mut h);
-    h.remove(header::HOST);
-    h.remove(header::CONTENT_LENGTH);
+    // `Host` is the endpoint's (the client sets it); the length is the body's own.
+    let (mut host, mut length) = (false, false);
+    for name in h.keys() {
+        host |= name == header::HOST;
+        length |= name == header::CONTENT_LENGTH;
+    }
+    if host {
+        h.remove(header::HOST);
+    }
+    if length {
+        h.remove(header::CONTENT_LENGTH);
+    }
     if let Some(addr) = out.client_addr {
         let value = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(prev) => HeaderValue::try_from(format!("{prev}, {}", addr.ip())).ok(),
@@ -461,8 +473,17 @@ pub(crate) fn uri_for(url: &crate::config::UpstreamUrl, pq: &str) -> http::Uri {
         .expect("upstream url and request path were validated")
 }
 
+/// The request for one attempt, in origin form (the client adds `Host` from the endpoint's
+/// target). Without a path prefix the client's path and query are reused as parsed.
 fn upstream_request(ep: &Endpoint, out: &Outbound<'_>, headers: &HeaderMap) -> Request<Full<Bytes>> {
-    let uri = uri_for(&ep.url, out.parts.uri.path_and_query().map_or("/", |pq| pq.as_str()));
+    let pq = out.parts.uri.path_and_query();
+    let uri = match pq {
+        Some(pq) if ep.url.prefix.is_empty() => http::Uri::from(pq.clone()),
+        _ => {
+            let pq = pq.map_or("/", |pq| pq.as_str());
+            http::Uri::try_from(format!("{}{pq}", ep.url.prefix)).expect("prefix and request path were validated")
+        }
+    };
     let mut req = Request::new(Full::new(out.body.clone()));
     *req.method_mut() = out.parts.method.clone();
     *req.uri_mut() = uri;

@@ -13,6 +13,8 @@ use crate::ratelimit::{ModelSlot, Permit, TokenCharge};
 /// Per-model metric handles, resolved once at start.
 pub struct ModelMetrics {
     pub model: String,
+    /// Tells this model's entries apart in the per-thread counter cache.
+    id: u64,
     pub requests: IntCounterVec,
     pub in_flight: IntGauge,
     pub duration: Histogram,
@@ -27,6 +29,10 @@ impl ModelMetrics {
     pub fn new(m: &Metrics, model: &str) -> ModelMetrics {
         ModelMetrics {
             model: model.to_string(),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
             requests: m.requests.clone(),
             in_flight: m.in_flight.with_label_values(&[model]),
             duration: m.duration.with_label_values(&[model]),
@@ -42,7 +48,7 @@ impl ModelMetrics {
 pub struct RequestRecord {
     metrics: Arc<ModelMetrics>,
     started: Instant,
-    endpoint: Option<Arc<str>>,
+    endpoint: Option<&'static str>,
     status: u16,
     /// The request's admission slots, released when the record goes (the last byte, or the
     /// client leaving).
@@ -106,7 +112,7 @@ impl RequestRecord {
         }
     }
 
-    pub fn answered(&mut self, endpoint: Option<Arc<str>>, status: u16, first_byte: Instant) {
+    pub fn answered(&mut self, endpoint: Option<&'static str>, status: u16, first_byte: Instant) {
         self.endpoint = endpoint;
         self.status = status;
         self.metrics.ttfb.observe((first_byte - self.started).as_secs_f64());
@@ -114,13 +120,9 @@ impl RequestRecord {
 
     /// Counts the request; `end` is when its last byte went out (None when the client left).
     pub fn finish(self, end: Option<Instant>) {
-        let endpoint = self.endpoint.as_deref().unwrap_or("none");
+        let endpoint = self.endpoint.unwrap_or("none");
         let status = if end.is_none() && self.status == 200 { 499 } else { self.status };
-        let mut buf = itoa_buf();
-        self.metrics
-            .requests
-            .with_label_values(&[self.metrics.model.as_str(), endpoint, status_str(status, &mut buf)])
-            .inc();
+        count_request(&self.metrics, endpoint, status);
         if let Some(end) = end {
             self.metrics.duration.observe((end - self.started).as_secs_f64());
         }
@@ -131,6 +133,35 @@ impl Drop for RequestRecord {
     fn drop(&mut self) {
         self.metrics.in_flight.dec();
     }
+}
+
+/// `switchyard_requests_total{model, endpoint, status}` += 1. Resolving the labels hashes
+/// three strings and takes the vector's lock, so each worker thread keeps the counters it
+/// has resolved; endpoint names live for the process, so their address identifies them.
+fn count_request(metrics: &ModelMetrics, endpoint: &'static str, status: u16) {
+    type Key = (u64, *const u8, u16);
+    /// More distinct (model, endpoint, status) triples than this are counted uncached.
+    const MAX_CACHED: usize = 256;
+    thread_local! {
+        static CACHE: std::cell::RefCell<Vec<(Key, IntCounter)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let key: Key = (metrics.id, endpoint.as_ptr(), status);
+    let resolve = || {
+        let mut buf = itoa_buf();
+        metrics.requests.with_label_values(&[metrics.model.as_str(), endpoint, status_str(status, &mut buf)])
+    };
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
+            c.inc();
+            return;
+        }
+        let c = resolve();
+        c.inc();
+        if cache.len() < MAX_CACHED {
+            cache.push((key, c));
+        }
+    });
 }
 
 fn itoa_buf() -> [u8; 3] {

@@ -34,11 +34,14 @@ const EWMA_HALF_LIFE_MS: f64 = 2_000.0;
 pub struct Endpoint {
     pub index: usize,
     pub name: String,
-    /// The name, shared cheaply with per-request records.
-    pub name_arc: Arc<str>,
-    /// The name as the `x-switchyard-endpoint` header value.
+    /// The name for per-request records. Endpoints are fixed at start, so the name is
+    /// kept for the process: copying it per request writes no shared reference count.
+    pub name_static: &'static str,
+    /// The name as the `x-switchyard-endpoint` header value (over the same text).
     pub header_value: http::HeaderValue,
     pub url: UpstreamUrl,
+    /// Where the client sends this endpoint's requests.
+    pub target: crate::client::Target,
     pub region: String,
     pub weight: u32,
     pub labels: BTreeMap<String, String>,
@@ -108,6 +111,7 @@ impl Drop for Attempt {
 impl Endpoint {
     fn new(index: usize, model: &str, cfg: &EndpointConfig, m: &ModelConfig, metrics: &Metrics) -> Endpoint {
         let name = cfg.display_name();
+        let name_static: &'static str = Box::leak(name.clone().into_boxed_str());
         let em = metrics.endpoint(model, &name);
         em.healthy.set(!cfg.start_unready as i64);
         Endpoint {
@@ -127,9 +131,10 @@ impl Endpoint {
             ejected_until_ms: AtomicU64::new(0),
             failure: Mutex::new(FailureState::new(m.circuit_breaker.clone(), m.outlier.clone())),
             metrics: em,
-            name_arc: Arc::from(name.as_str()),
-            header_value: http::HeaderValue::try_from(name.as_str())
+            name_static,
+            header_value: http::HeaderValue::from_maybe_shared(bytes::Bytes::from_static(name_static.as_bytes()))
                 .unwrap_or_else(|_| http::HeaderValue::from_static("invalid-name")),
+            target: crate::client::Target::for_process(&cfg.url.authority),
             name,
         }
     }
