@@ -234,8 +234,8 @@ impl Body for RelayBody {
                 finish_stream(this.record, Some(r));
                 return Poll::Ready(None);
             }
-            let metrics = this.record.as_ref().map(|rec| rec.metrics().clone());
-            match metrics.as_deref().map(|m| r.start(m)) {
+            let metrics = this.record.as_ref().map(|rec| rec.metrics());
+            match metrics.map(|m| r.start(m)) {
                 Some(Ok(())) => continue,
                 Some(Err(Some(end))) => {
                     // Everything was delivered but the end: finish the stream ourselves.

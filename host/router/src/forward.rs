@@ -4,7 +4,6 @@
 //! until their first chunk arrives, so a stream is retried exactly while nothing has
 //! been sent to the client; after that it is relayed chunk by chunk.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -74,7 +73,7 @@ impl Forwarded {
 /// Tries the model's endpoints for one request. `deadline` bounds every attempt (the
 /// primary's share of a fallback budget); `None` leaves only the model's own timeouts.
 pub async fn forward(
-    model: &Arc<Model>,
+    model: &'static Model,
     facts: RequestFacts<'_>,
     out: Outbound<'_>,
     record: RequestRecord,
@@ -96,7 +95,7 @@ pub async fn forward(
     let headers = upstream_headers(&out);
     let mut resume_ctx =
         (facts.stream && model.retry.resume_streams && model.retry.max_attempts > 1).then(|| ResumeContext {
-            model: model.clone(),
+            model,
             path_and_query: out.parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string(),
             headers: headers.clone(),
             body: out.body.clone(),

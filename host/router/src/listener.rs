@@ -48,6 +48,9 @@ pub fn worker_index() -> Option<usize> {
 /// Prints one line per listener on stdout once every worker listens:
 /// `listening on http://ADDR` (or `https://`), and `admin listening on http://ADDR`.
 pub async fn serve(cfg: &Config, router: Arc<Router>, workers: usize) -> anyhow::Result<()> {
+    // The router lives until the process exits. Held by `'static` reference, a request
+    // writes no reference count that every worker writes too (as cloning an `Arc` would).
+    let router: &'static Router = Box::leak(Box::new(router));
     let (stop_tx, stop_rx) = watch::channel(false);
     let builder = Arc::new(http_builder(cfg));
     let handshake_timeout = cfg.limits.header_read_timeout;
@@ -64,7 +67,7 @@ pub async fn serve(cfg: &Config, router: Arc<Router>, workers: usize) -> anyhow:
         let b = Bound { listener, tls: None, admin: true };
         control.push(tokio::spawn(accept_loop(
             b,
-            router.clone(),
+            router,
             builder.clone(),
             admin_graceful.clone(),
             stop_rx.clone(),
@@ -91,7 +94,7 @@ pub async fn serve(cfg: &Config, router: Arc<Router>, workers: usize) -> anyhow:
     let mut threads = Vec::new();
     let mut first_sockets = Some(first_sockets);
     for w in 0..workers {
-        let (router, builder, plans, mut stop) = (router.clone(), builder.clone(), plans.clone(), stop_rx.clone());
+        let (builder, plans, mut stop) = (builder.clone(), plans.clone(), stop_rx.clone());
         let ready_tx = ready_tx.clone();
         let firsts = if w == 0 { first_sockets.take() } else { None };
         threads.push(std::thread::Builder::new().name(format!("worker-{w}")).spawn(move || {
@@ -121,8 +124,7 @@ pub async fn serve(cfg: &Config, router: Arc<Router>, workers: usize) -> anyhow:
                         }
                     };
                     let b = Bound { listener, tls, admin: false };
-                    let (router, builder, graceful, stop) =
-                        (router.clone(), builder.clone(), graceful.clone(), stop.clone());
+                    let (builder, graceful, stop) = (builder.clone(), graceful.clone(), stop.clone());
                     tasks.push(tokio::spawn(accept_loop(b, router, builder, graceful, stop, handshake_timeout)));
                 }
                 drop(firsts);
@@ -186,7 +188,7 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn accept_loop(
     b: Bound,
-    router: Arc<Router>,
+    router: &'static Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
@@ -207,7 +209,7 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let conn = Connection {
-            router: router.clone(),
+            router,
             builder: builder.clone(),
             watcher: graceful.watcher(),
             tls: b.tls.clone(),
@@ -232,7 +234,7 @@ async fn drain(graceful: Arc<GracefulShutdown>, grace: Duration, worker: usize) 
 }
 
 struct Connection {
-    router: Arc<Router>,
+    router: &'static Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
     tls: Option<TlsAcceptor>,
@@ -243,10 +245,9 @@ struct Connection {
 impl Connection {
     async fn run(self, stream: TcpStream, addr: SocketAddr) {
         let peer = Peer { addr: Some(addr), tls: self.tls.is_some() };
-        let router = self.router.clone();
+        let router = self.router;
         let admin = self.admin;
         let svc = service_fn(move |req| {
-            let router = router.clone();
             async move {
                 // The request's future is a few KB and hyper moves the service future on its
                 // way into the connection task: on the heap it is written once.

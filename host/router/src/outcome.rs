@@ -46,7 +46,8 @@ impl ModelMetrics {
 
 /// One request's metrics, from admission to the last byte. In-flight while it lives.
 pub struct RequestRecord {
-    metrics: Arc<ModelMetrics>,
+    // The model's metrics live as long as the router (the process): no reference count.
+    metrics: &'static ModelMetrics,
     started: Instant,
     endpoint: Option<&'static str>,
     status: u16,
@@ -59,17 +60,9 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    pub fn begin(metrics: &Arc<ModelMetrics>, started: Instant) -> RequestRecord {
+    pub fn begin(metrics: &'static ModelMetrics, started: Instant) -> RequestRecord {
         metrics.in_flight.inc();
-        RequestRecord {
-            metrics: metrics.clone(),
-            started,
-            endpoint: None,
-            status: 0,
-            _permit: None,
-            _slot: None,
-            charge: None,
-        }
+        RequestRecord { metrics, started, endpoint: None, status: 0, _permit: None, _slot: None, charge: None }
     }
 
     /// Holds the request's admission slots (and token charge) for as long as the record lives.
@@ -85,8 +78,8 @@ impl RequestRecord {
         self
     }
 
-    pub fn metrics(&self) -> &Arc<ModelMetrics> {
-        &self.metrics
+    pub fn metrics(&self) -> &'static ModelMetrics {
+        self.metrics
     }
 
     /// Whether the tenant's tokens are being counted (then the answer's usage is worth reading).
@@ -122,7 +115,7 @@ impl RequestRecord {
     pub fn finish(self, end: Option<Instant>) {
         let endpoint = self.endpoint.unwrap_or("none");
         let status = if end.is_none() && self.status == 200 { 499 } else { self.status };
-        count_request(&self.metrics, endpoint, status);
+        count_request(self.metrics, endpoint, status);
         if let Some(end) = end {
             self.metrics.duration.observe((end - self.started).as_secs_f64());
         }

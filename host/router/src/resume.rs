@@ -13,7 +13,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::PooledBody;
@@ -27,7 +26,7 @@ use crate::upstream::{Attempt, Outcome, now_ms};
 
 /// What a resumed stream needs from its request, captured when the stream starts.
 pub struct ResumeContext {
-    pub model: Arc<Model>,
+    pub model: &'static Model,
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -237,7 +236,7 @@ pub type Resumed = Pin<Box<dyn Future<Output = Option<(PooledBody, Attempt)>> + 
 /// once it is available (a supervised replica restarted after a crash is a new process).
 pub fn resume(ctx: &mut ResumeContext, body: Bytes, first_byte: Duration) -> Resumed {
     const POLL: Duration = Duration::from_millis(100);
-    let model = ctx.model.clone();
+    let model = ctx.model;
     let path = ctx.path_and_query.clone();
     let headers = ctx.headers.clone();
     let mut tried = std::mem::take(&mut ctx.tried);

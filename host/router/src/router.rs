@@ -152,7 +152,7 @@ impl Router {
     }
 
     /// The admin API, served on its own (loopback by default) listener.
-    pub async fn handle_admin(self: Arc<Self>, req: Request<Incoming>, _peer: Peer) -> Response<ResBody> {
+    pub async fn handle_admin(&'static self, req: Request<Incoming>, _peer: Peer) -> Response<ResBody> {
         if let Some(token) = &self.admin_token
             && !bearer_matches(req.headers(), token)
         {
@@ -314,7 +314,7 @@ impl Router {
         res
     }
 
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ResBody> {
+    pub async fn handle(&'static self, req: Request<Incoming>, peer: Peer) -> Response<ResBody> {
         let path = req.uri().path();
         match (req.method(), path) {
             (&Method::POST, "/v1/chat/completions" | "/v1/completions") => self.infer(req, peer).await,
@@ -342,7 +342,7 @@ impl Router {
         }
     }
 
-    async fn infer(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ResBody> {
+    async fn infer(&'static self, req: Request<Incoming>, peer: Peer) -> Response<ResBody> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
         // Shed before doing any work: router capacity and the tenant's request rate are
@@ -461,8 +461,8 @@ impl Router {
     /// stage plugin (or, without one, the configured order) decides each step.
     #[allow(clippy::too_many_arguments)]
     async fn degrade(
-        &self,
-        primary: &Arc<Model>,
+        &'static self,
+        primary: &'static Arc<Model>,
         facts: RequestFacts<'_>,
         parts: &http::request::Parts,
         body: &Bytes,
@@ -473,7 +473,7 @@ impl Router {
     ) -> Response<ResBody> {
         let chain = primary.fallback.as_ref().expect("called for models with a fallback chain");
         let budget_end = started + chain.budget;
-        let mut target = primary.clone();
+        let mut target: &'static Arc<Model> = primary;
         let mut target_body = body.clone();
         let mut charge = charge;
         let mut step = 0u32;
@@ -496,7 +496,7 @@ impl Router {
                         charge.take(),
                     );
                     let out = Outbound { parts, body: target_body.clone(), client_addr: peer.addr, tls: peer.tls };
-                    forward::forward(&target, facts, out, record, self.limits.max_response_bytes, Some(limit)).await
+                    forward::forward(target, facts, out, record, self.limits.max_response_bytes, Some(limit)).await
                 }
             };
             let Some(kind) = failed else {
@@ -514,7 +514,7 @@ impl Router {
                 wit::FallbackDecision::FallbackModel(i) => {
                     let name = &chain.models[i as usize];
                     let Some(next) = self.models.get(name) else { return response };
-                    target = next.clone();
+                    target = next;
                     target_body = with_model(body, name);
                     step += 1;
                 }

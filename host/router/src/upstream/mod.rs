@@ -77,16 +77,19 @@ pub struct EndpointSnapshot {
 
 /// A started attempt. Dropping it without `finish` counts as cancelled.
 pub struct Attempt {
-    endpoint: Arc<Endpoint>,
-    pool: Arc<Pool>,
+    // Pools live as long as the router, which lives as long as the process: borrowing them
+    // for `'static` writes no reference count per attempt (cloning an `Arc` would, on a
+    // cache line every worker writes).
+    endpoint: &'static Endpoint,
+    pool: &'static Pool,
     probe: bool,
     started: Instant,
     done: bool,
 }
 
 impl Attempt {
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.endpoint
+    pub fn endpoint(&self) -> &'static Endpoint {
+        self.endpoint
     }
 
     /// Records how the attempt went. `latency` overrides the measured time (streams report
@@ -94,7 +97,7 @@ impl Attempt {
     pub fn finish(mut self, outcome: Outcome, latency: Option<Duration>) {
         self.done = true;
         let latency = latency.unwrap_or_else(|| self.started.elapsed());
-        self.pool.record(&self.endpoint, outcome, self.probe, latency);
+        self.pool.record(self.endpoint, outcome, self.probe, latency);
     }
 }
 
@@ -103,7 +106,7 @@ impl Drop for Attempt {
         self.endpoint.in_flight.fetch_sub(1, Relaxed);
         self.endpoint.metrics.in_flight.dec();
         if !self.done {
-            self.pool.record(&self.endpoint, Outcome::Cancelled, self.probe, Duration::ZERO);
+            self.pool.record(self.endpoint, Outcome::Cancelled, self.probe, Duration::ZERO);
         }
     }
 }
@@ -280,7 +283,7 @@ impl Pool {
     }
 
     /// Starts an attempt on `endpoint` if its circuit lets it (half-open allows few probes).
-    pub fn start(self: &Arc<Self>, endpoint: &Arc<Endpoint>) -> Option<Attempt> {
+    pub fn start(&'static self, endpoint: &'static Endpoint) -> Option<Attempt> {
         let probe = if endpoint.circuit() == Circuit::Closed {
             false
         } else {
@@ -293,7 +296,7 @@ impl Pool {
         };
         endpoint.in_flight.fetch_add(1, Relaxed);
         endpoint.metrics.in_flight.inc();
-        Some(Attempt { endpoint: endpoint.clone(), pool: self.clone(), probe, started: Instant::now(), done: false })
+        Some(Attempt { endpoint, pool: self, probe, started: Instant::now(), done: false })
     }
 
     fn record(&self, ep: &Endpoint, outcome: Outcome, probe: bool, latency: Duration) {
