@@ -515,6 +515,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_prepared_target_sets_host_and_shares_the_pool_with_absolute_uris() {
+        let s = server(Script::KeepAlive).await;
+        let c = client();
+        let authority: Authority = s.addr.to_string().parse().unwrap();
+        let target = Target::for_process(&authority);
+        assert_eq!(target.authority(), &authority);
+        for i in 0..3 {
+            // Origin form, and a client `Host` that must not reach the upstream.
+            let req = Request::post("/v1/chat/completions?x=1")
+                .header(header::HOST, "router.example")
+                // Empty: the scripted server reads heads only.
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let res = c.send(&target, req).await.unwrap();
+            assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "ok", "request {i}");
+        }
+        // The same endpoint named by an absolute URI (a health check) finds the same
+        // pooled connection: the pool matches the text, not only the target's address.
+        assert_eq!(text(&c, get(s.addr, "/health")).await, "ok");
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+        let heads = s.heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 4);
+        for head in &heads[..3] {
+            let head = head.to_lowercase();
+            assert!(head.starts_with("post /v1/chat/completions?x=1 http/1.1\r\n"), "{head}");
+            assert!(head.contains(&format!("\r\nhost: {}", s.addr)), "{head}");
+            assert!(!head.contains("router.example"), "{head}");
+        }
+    }
+
+    #[test]
+    fn a_target_keeps_userinfo_out_of_host() {
+        let target = Target::for_process(&"user:pw@10.0.0.1:9000".parse().unwrap());
+        assert_eq!(target.host, "10.0.0.1:9000");
+        assert_eq!(target.authority().as_str(), "user:pw@10.0.0.1:9000");
+        // Equal text at another address is the same authority; other text is not.
+        let same: Authority = "user:pw@10.0.0.1:9000".parse().unwrap();
+        assert!(same_authority(target.authority(), &same));
+        assert!(same_authority(target.authority(), target.authority()));
+        assert!(!same_authority(target.authority(), &"10.0.0.1:9000".parse().unwrap()));
+    }
+
+    #[tokio::test]
     async fn a_connection_the_server_closed_is_not_reused() {
         let s = server(Script::CloseAfterAnswer).await;
         let c = client();

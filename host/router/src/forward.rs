@@ -534,6 +534,40 @@ mod tests {
     }
 
     #[test]
+    fn the_client_length_is_dropped_and_headers_without_hop_by_hop_ones_are_kept_whole() {
+        let req = Request::post("/v1/completions")
+            .header("host", "router.example")
+            .header("content-length", "2")
+            .header("content-type", "application/json")
+            .header("x-request-id", "r1")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let h = upstream_headers(&outbound(&parts, "10.0.0.7:5000", false));
+        assert!(!h.contains_key("content-length") && !h.contains_key("host"));
+        assert_eq!(h["content-type"], "application/json");
+        assert_eq!(h["x-request-id"], "r1");
+
+        // An answer: nothing hop-by-hop stays as it was; `Keep-Alive`, `Transfer-Encoding`
+        // and what `Connection` names go.
+        let mut plain = HeaderMap::new();
+        plain.insert("content-type", HeaderValue::from_static("text/event-stream"));
+        plain.append("x-a", HeaderValue::from_static("1"));
+        plain.append("x-a", HeaderValue::from_static("2"));
+        let before = plain.clone();
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain, before);
+        let mut hop = before.clone();
+        hop.insert("connection", HeaderValue::from_static("x-a"));
+        hop.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        hop.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        strip_hop_by_hop(&mut hop);
+        let mut want = before;
+        want.remove("x-a");
+        assert_eq!(hop, want);
+    }
+
+    #[test]
     fn an_existing_forwarded_for_chain_is_extended() {
         let req = Request::post("/").header("x-forwarded-for", "203.0.113.9").body(()).unwrap();
         let (parts, ()) = req.into_parts();

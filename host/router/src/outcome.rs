@@ -168,3 +168,46 @@ fn status_str(status: u16, buf: &mut [u8; 3]) -> &str {
     buf[2] = b'0' + (s % 10) as u8;
     std::str::from_utf8(buf).expect("ascii digits")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requests(m: &Metrics, model: &str, endpoint: &str, status: &str) -> u64 {
+        m.requests.with_label_values(&[model, endpoint, status]).get()
+    }
+
+    #[test]
+    fn the_per_thread_counter_cache_keeps_models_endpoints_and_statuses_apart() {
+        // Two routers' worth of metrics in one thread, the same endpoint name and status:
+        // a cache keyed on the name and status alone would count both in the first.
+        let (m1, m2) = (Metrics::new(), Metrics::new());
+        let (a, b): (&'static ModelMetrics, &'static ModelMetrics) =
+            (Box::leak(Box::new(ModelMetrics::new(&m1, "m"))), Box::leak(Box::new(ModelMetrics::new(&m2, "m"))));
+        let (ep1, ep2): (&'static str, &'static str) = ("e1", "e2");
+        for _ in 0..3 {
+            count_request(a, ep1, 200);
+        }
+        count_request(a, ep1, 503);
+        count_request(a, ep2, 200);
+        count_request(b, ep1, 200);
+        assert_eq!(requests(&m1, "m", "e1", "200"), 3);
+        assert_eq!(requests(&m1, "m", "e1", "503"), 1);
+        assert_eq!(requests(&m1, "m", "e2", "200"), 1);
+        assert_eq!(requests(&m2, "m", "e1", "200"), 1);
+        assert_eq!(requests(&m2, "m", "e1", "503"), 0);
+    }
+
+    #[test]
+    fn a_request_left_by_its_client_counts_as_499_and_frees_its_in_flight_slot() {
+        let m = Metrics::new();
+        let mm: &'static ModelMetrics = Box::leak(Box::new(ModelMetrics::new(&m, "m")));
+        let mut record = RequestRecord::begin(mm, Instant::now());
+        assert_eq!(mm.in_flight.get(), 1);
+        record.answered(Some("e1"), 200, Instant::now());
+        record.finish(None);
+        assert_eq!(mm.in_flight.get(), 0);
+        assert_eq!(requests(&m, "m", "e1", "499"), 1);
+        assert_eq!(requests(&m, "m", "e1", "200"), 0);
+    }
+}
