@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
+use crate::body::CollectError;
 use crate::error::ApiError;
 
 /// The routing-relevant head of an OpenAI request body. serde skips every other field
@@ -103,11 +103,11 @@ pub async fn read_body(
     {
         return Err(ApiError::body_too_large(max_bytes));
     }
-    match tokio::time::timeout(timeout, Limited::new(body, max_bytes).collect()).await {
+    match tokio::time::timeout(timeout, crate::body::collect_limited(body, max_bytes)).await {
         Err(_) => Err(ApiError::body_timeout()),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(ApiError::body_too_large(max_bytes)),
-        Ok(Err(e)) => Err(ApiError::body_read(e)),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(CollectError::TooLarge)) => Err(ApiError::body_too_large(max_bytes)),
+        Ok(Err(CollectError::Body(e))) => Err(ApiError::body_read(e)),
+        Ok(Ok(bytes)) => Ok(bytes),
     }
 }
 

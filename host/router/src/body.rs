@@ -29,6 +29,51 @@ pub fn boxed_full(bytes: impl Into<Bytes>) -> ResBody {
     full(bytes).map_err(|never| match never {}).boxed_unsync()
 }
 
+/// Why a body could not be read whole.
+#[derive(Debug)]
+pub enum CollectError<E> {
+    /// More than the limit: nothing past it was kept.
+    TooLarge,
+    Body(E),
+}
+
+/// A whole body of at most `limit` bytes. A body that arrives as one frame (a request or a
+/// non-streamed answer that came in one read) is returned as that frame, without a copy or
+/// an allocation; more frames are joined. Trailers are dropped.
+pub async fn collect_limited<B>(body: B, limit: usize) -> Result<Bytes, CollectError<B::Error>>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut body = body;
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(CollectError::Body)?.into_data() else { continue };
+        len += data.len();
+        if len > limit {
+            return Err(CollectError::TooLarge);
+        }
+        match (&mut first, &mut joined) {
+            (_, Some(j)) => j.extend_from_slice(&data),
+            (Some(f), None) => {
+                // Room for what the body says is still to come, never past the limit.
+                let rest = usize::try_from(body.size_hint().lower()).unwrap_or(usize::MAX);
+                let mut j = bytes::BytesMut::with_capacity(len.saturating_add(rest).min(limit));
+                j.extend_from_slice(f);
+                j.extend_from_slice(&data);
+                joined = Some(j);
+            }
+            (None, None) => first = Some(data),
+        }
+    }
+    Ok(match (joined, first) {
+        (Some(j), _) => j.freeze(),
+        (None, Some(f)) => f,
+        (None, None) => Bytes::new(),
+    })
+}
+
 pin_project_lite::pin_project! {
     pub struct RelayBody {
         first: Option<Frame<Bytes>>,
@@ -256,5 +301,46 @@ impl Body for RelayBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body that yields the given frames, each ready at once.
+    struct Frames(std::collections::VecDeque<Result<Bytes, std::io::Error>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|r| r.map(Frame::data)))
+        }
+    }
+
+    fn frames(parts: &[&'static [u8]]) -> Frames {
+        Frames(parts.iter().map(|p| Ok(Bytes::from_static(p))).collect())
+    }
+
+    #[tokio::test]
+    async fn collect_limited_keeps_one_frame_as_is_joins_several_and_stops_at_the_limit() {
+        static ONE: &[u8] = b"{\"model\":\"m\"}";
+        let got = collect_limited(frames(&[ONE]), 64).await.unwrap();
+        assert_eq!(got, ONE);
+        assert_eq!(got.as_ptr(), ONE.as_ptr(), "one frame is returned without a copy");
+
+        let got = collect_limited(frames(&[b"ab", b"", b"cd", b"e"]), 5).await.unwrap();
+        assert_eq!(got, "abcde");
+        assert_eq!(collect_limited(frames(&[]), 5).await.unwrap(), "");
+
+        assert!(matches!(collect_limited(frames(&[b"abc", b"def"]), 5).await, Err(CollectError::TooLarge)));
+        assert!(matches!(collect_limited(frames(&[b"abcdef"]), 5).await, Err(CollectError::TooLarge)));
+
+        let failing = Frames([Ok(Bytes::from_static(b"a")), Err(std::io::Error::other("reset"))].into());
+        assert!(matches!(collect_limited(failing, 5).await, Err(CollectError::Body(e)) if e.to_string() == "reset"));
     }
 }

@@ -11,7 +11,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 
-use crate::body::{RelayBody, ResBody, Resumable, boxed_full};
+use crate::body::{CollectError, RelayBody, ResBody, Resumable, boxed_full};
 use crate::client::error_chain;
 use crate::error::ApiError;
 use crate::outcome::RequestRecord;
@@ -92,12 +92,14 @@ pub async fn forward(
     }
     pool.budget.deposit(now);
 
-    let headers = upstream_headers(&out);
+    // The first attempt takes these; a retry (rare) builds them again rather than every
+    // request paying a copy.
+    let mut headers = Some(upstream_headers(&out));
     let mut resume_ctx =
         (facts.stream && model.retry.resume_streams && model.retry.max_attempts > 1).then(|| ResumeContext {
             model,
             path_and_query: out.parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string(),
-            headers: headers.clone(),
+            headers: headers.clone().unwrap_or_default(),
             body: out.body.clone(),
             chat: out.parts.uri.path().ends_with("/chat/completions"),
             tried: Vec::new(),
@@ -127,7 +129,7 @@ pub async fn forward(
             continue;
         };
         attempts += 1;
-        let req = upstream_request(endpoint, &out, &headers);
+        let req = upstream_request(endpoint, &out, headers.take().unwrap_or_else(|| upstream_headers(&out)));
         let result = if facts.stream {
             let limit = left.map_or(model.timeouts.first_byte, |l| l.min(model.timeouts.first_byte));
             try_stream(model, req, attempt, record, attempts, limit, &mut resume_ctx).await
@@ -262,11 +264,10 @@ async fn try_whole(
     let exchange = async {
         let res = model.client().send(&attempt.endpoint().target, req).await.map_err(classify)?;
         let (parts, body) = res.into_parts();
-        let bytes = Limited::new(body, max_response_bytes)
-            .collect()
-            .await
-            .map_err(|e| Failure::Broken(error_chain(&*e)))?
-            .to_bytes();
+        let bytes = crate::body::collect_limited(body, max_response_bytes).await.map_err(|e| match e {
+            CollectError::TooLarge => Failure::Broken(format!("answer over {max_response_bytes} bytes")),
+            CollectError::Body(e) => Failure::Broken(error_chain(&e)),
+        })?;
         Ok((parts, bytes))
     };
     let result = match tokio::time::timeout(limit, exchange).await {
@@ -474,7 +475,7 @@ pub(crate) fn uri_for(url: &crate::config::UpstreamUrl, pq: &str) -> http::Uri {
 
 /// The request for one attempt, in origin form (the client adds `Host` from the endpoint's
 /// target). Without a path prefix the client's path and query are reused as parsed.
-fn upstream_request(ep: &Endpoint, out: &Outbound<'_>, headers: &HeaderMap) -> Request<Full<Bytes>> {
+fn upstream_request(ep: &Endpoint, out: &Outbound<'_>, headers: HeaderMap) -> Request<Full<Bytes>> {
     let pq = out.parts.uri.path_and_query();
     let uri = match pq {
         Some(pq) if ep.url.prefix.is_empty() => http::Uri::from(pq.clone()),
@@ -487,7 +488,7 @@ fn upstream_request(ep: &Endpoint, out: &Outbound<'_>, headers: &HeaderMap) -> R
     *req.method_mut() = out.parts.method.clone();
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers.clone();
+    *req.headers_mut() = headers;
     req
 }
 
