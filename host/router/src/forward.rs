@@ -395,19 +395,23 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.iter().any(|h| h == name)
 }
 
+/// The header names a message's `Connection` header lists.
+fn connection_named(h: &HeaderMap) -> Vec<HeaderName> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect()
+}
+
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Most messages carry none: comparing the few names decides without hashing any.
     if !h.keys().any(is_hop_by_hop) {
         return;
     }
     // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .collect();
+    let named = connection_named(h);
     for n in named.iter().chain(HOP_BY_HOP.iter()) {
         h.remove(n);
     }
@@ -415,22 +419,27 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// The client's headers as every attempt sends them.
 pub(crate) fn upstream_headers(out: &Outbound<'_>) -> HeaderMap {
-    let mut h = out.parts.headers.clone();
-    strip_hop_by_hop(&mut h);
-    // `Host` is the endpoint's (the client sets it); the length is the body's own.
-    let (mut host, mut length) = (false, false);
-    for name in h.keys() {
-        host |= name == header::HOST;
-        length |= name == header::CONTENT_LENGTH;
-    }
-    if host {
-        h.remove(header::HOST);
-    }
-    if length {
-        h.remove(header::CONTENT_LENGTH);
+    let src = &out.parts.headers;
+    // Headers that `Connection` names are hop-by-hop too; rare, so looked for only then.
+    let named = if src.keys().any(|n| n == header::CONNECTION) { connection_named(src) } else { Vec::new() };
+    // Built in one pass rather than copied and trimmed: the copy's removals hash, and a
+    // copy has no room left, so the forwarded headers and the endpoint's `Host` (set by the
+    // client) would grow it.
+    let mut h = HeaderMap::with_capacity(src.len() + 3);
+    let mut forwarded_for: Option<&HeaderValue> = None;
+    for (name, value) in src {
+        // `Host` is the endpoint's; the length is the body's own.
+        if name == header::HOST || name == header::CONTENT_LENGTH || is_hop_by_hop(name) || named.contains(name) {
+            continue;
+        }
+        if name == X_FORWARDED_FOR && out.client_addr.is_some() {
+            forwarded_for.get_or_insert(value);
+            continue;
+        }
+        h.append(name.clone(), value.clone());
     }
     if let Some(addr) = out.client_addr {
-        let value = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        let value = match forwarded_for.and_then(|v| v.to_str().ok()) {
             Some(prev) => HeaderValue::try_from(format!("{prev}, {}", addr.ip())).ok(),
             None => ip_header(addr.ip()),
         };
@@ -541,11 +550,17 @@ mod tests {
             .header("content-length", "2")
             .header("content-type", "application/json")
             .header("x-request-id", "r1")
+            .header("accept", "text/event-stream")
+            .header("accept", "application/json")
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
         let h = upstream_headers(&outbound(&parts, "10.0.0.7:5000", false));
         assert!(!h.contains_key("content-length") && !h.contains_key("host"));
+        let accept: Vec<_> = h.get_all("accept").iter().collect();
+        assert_eq!(accept, ["text/event-stream", "application/json"], "every value of a repeated header");
+        // Room is left for what the client adds (`Host`): no regrowth per request.
+        assert!(h.capacity() >= h.len() + 1);
         assert_eq!(h["content-type"], "application/json");
         assert_eq!(h["x-request-id"], "r1");
 
