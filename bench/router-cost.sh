@@ -10,7 +10,8 @@
 # 2. System calls per request at RATE req/s (strace -c on the running proxy).
 # 3. The proxy's own time on the request path at RATE req/s, from syscall tracepoints
 #    (perf): read of the client's request -> write of it upstream ("request half"), read of
-#    the upstream's answer -> write of it to the client ("response half"); p50 and p90 in µs
+#    the upstream's answer -> write of it to the client ("response half"); p50 and p90 in µs,
+#    median of HALF_ROUNDS rounds in which router and nginx take turns
 #    (bench/trace_halves.py). This is the part of the added latency that is the proxy's own
 #    work; the rest is the kernel waking it.
 # Prints a markdown report and writes it to bench/results/router-cost-<timestamp>.md.
@@ -22,6 +23,7 @@ CONNECTIONS_CG="${CONNECTIONS_CG:-4}"
 CONNECTIONS="${CONNECTIONS:-64}"
 ROUTER_WORKERS="${ROUTER_WORKERS:-2}"
 NGINX_WORKERS="${NGINX_WORKERS:-2}"
+HALF_ROUNDS="${HALF_ROUNDS:-4}"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -94,7 +96,8 @@ EOT
 }
 
 # ------------------------------------------------------------- 1. instructions
-# $1: name, $2: url, $3: pid under callgrind, $4: its stderr. Prints instructions/request.
+# $1: name, $2: url, $3: pid under callgrind, $4: its stderr, $5: its --callgrind-out-file.
+# Prints the instructions collected and the requests answered.
 count_instructions() {
     "$LOADGEN" max --url "$2" --duration 3 --connections "$CONNECTIONS_CG" --json >/dev/null
     callgrind_control -i on "$3" >/dev/null
@@ -102,10 +105,17 @@ count_instructions() {
     ok="$("$LOADGEN" max --url "$2" --duration "$CG_DURATION" --connections "$CONNECTIONS_CG" --json |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["ok"])')"
     callgrind_control -i off "$3" >/dev/null
-    kill "$3"
-    for _ in $(seq 100); do grep -q 'Collected' "$4" && break; sleep 0.2; done
-    local ir
-    ir="$(grep -o 'Collected : [0-9]*' "$4" | grep -o '[0-9]*$')"
+    # Dump the counts now rather than wait for the process to exit (nginx under valgrind
+    # can take long to): the dump's `totals:` line is what was collected.
+    callgrind_control -d "$3" >/dev/null
+    local ir="" dump
+    for _ in $(seq 100); do
+        dump="$(ls -t "$5".* 2>/dev/null | head -n1)"
+        [ -n "$dump" ] && ir="$(sed -n 's/^totals: \([0-9]*\).*/\1/p' "$dump")"
+        [ -n "$ir" ] && break
+        sleep 0.2
+    done
+    kill "$3" 2>/dev/null || true
     [ -n "$ir" ] && [ "${ok:-0}" -gt 0 ] || die "$1: no count (see $4)"
     echo "$ir $ok"
 }
@@ -117,7 +127,7 @@ valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$TMP/router.c
 RVG=$!
 PIDS+=($RVG)
 RVG_URL="http://$(wait_listening "$TMP/router-vg.out" "$RVG" "router under valgrind" 180)"
-read -r R_IR R_OK < <(count_instructions router "$RVG_URL" "$RVG" "$TMP/router-vg.err")
+read -r R_IR R_OK < <(count_instructions router "$RVG_URL" "$RVG" "$TMP/router-vg.err" "$TMP/router.cg")
 
 NGINX_VG_PORT="$(free_port)"
 nginx_config nginx-vg 1 "$NGINX_VG_PORT" vg
@@ -126,7 +136,8 @@ valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$TMP/nginx.cg
 NVG=$!
 PIDS+=($NVG)
 wait_port "$NGINX_VG_PORT" "nginx under valgrind" 60
-read -r N_IR N_OK < <(count_instructions nginx "http://127.0.0.1:$NGINX_VG_PORT" "$NVG" "$TMP/nginx-vg.err")
+read -r N_IR N_OK < <(count_instructions nginx "http://127.0.0.1:$NGINX_VG_PORT" "$NVG" "$TMP/nginx-vg.err" "$TMP/nginx.cg")
+[ -n "${R_IR:-}" ] && [ -n "${N_IR:-}" ] || die "no instruction count (see the messages above)"
 R_IPR=$((R_IR / R_OK))
 N_IPR=$((N_IR / N_OK))
 
@@ -167,7 +178,7 @@ syscalls_per_request() {
 R_SYS="$(syscalls_per_request "$(pids_of $RP)" "$ROUTER_URL")"
 N_SYS="$(syscalls_per_request "$(pids_of $NP)" "http://127.0.0.1:$NGINX_PORT")"
 
-log "3/3 the proxy's own time per half (perf tracepoints, 1 s at $RATE req/s each)"
+log "3/3 the proxy's own time per half (perf tracepoints, 1 s at $RATE req/s each, $HALF_ROUNDS rounds)"
 halves() {
     rate_load "$2"
     perf record -q -a -e raw_syscalls:sys_enter,raw_syscalls:sys_exit --exclude-perf -o "$TMP/perf.data" -- sleep 1 >/dev/null 2>&1
@@ -175,9 +186,25 @@ halves() {
     wait "$LOAD_PID" || true
     perf script -i "$TMP/perf.data" -F pid,tid,time,event,trace 2>/dev/null | python3 "$ROOT/bench/trace_halves.py" "$1" "$client"
 }
-R_HALVES="$(halves "$(pids_of $RP)" "$ROUTER_URL")"
-N_HALVES="$(halves "$(pids_of $NP)" "http://127.0.0.1:$NGINX_PORT")"
-half() { echo "$1" | python3 -c "import json,sys; d=json.load(sys.stdin)['$2']; print(d['$3'])"; }
+# The VM's speed drifts within minutes: router and nginx take turns, HALF_ROUNDS times,
+# and each cell is the median of the rounds.
+R_HALVES=()
+N_HALVES=()
+for ((r = 1; r <= HALF_ROUNDS; r++)); do
+    if ((r % 2)); then
+        R_HALVES+=("$(halves "$(pids_of $RP)" "$ROUTER_URL")")
+        N_HALVES+=("$(halves "$(pids_of $NP)" "http://127.0.0.1:$NGINX_PORT")")
+    else
+        N_HALVES+=("$(halves "$(pids_of $NP)" "http://127.0.0.1:$NGINX_PORT")")
+        R_HALVES+=("$(halves "$(pids_of $RP)" "$ROUTER_URL")")
+    fi
+done
+# $1: half, $2: percentile key, then the rounds' JSON lines -> median over rounds
+half() {
+    local h=$1 p=$2
+    shift 2
+    printf '%s\n' "$@" | python3 -c "import json,statistics,sys; print(statistics.median(json.loads(l)['$h']['$p'] for l in sys.stdin if l.strip()))"
+}
 
 mkdir -p "$ROOT/bench/results"
 {
@@ -192,12 +219,16 @@ mkdir -p "$ROOT/bench/results"
     printf '| system calls per request at %s req/s | %s | %s | %.2f |\n' "$RATE" "$R_SYS" "$N_SYS" "$(python3 -c "print($R_SYS/$N_SYS)")"
     for h in request response; do
         for p in p50_us p90_us; do
-            r="$(half "$R_HALVES" $h $p)"
-            n="$(half "$N_HALVES" $h $p)"
-            printf '| own time, %s half, %s (µs) | %s | %s | %.2f |\n' "$h" "${p%_us}" "$r" "$n" "$(python3 -c "print($r/$n)")"
+            r="$(half $h $p "${R_HALVES[@]}")"
+            n="$(half $h $p "${N_HALVES[@]}")"
+            printf '| own time, %s half, %s (µs; median of %s rounds) | %s | %s | %.2f |\n' "$h" "${p%_us}" "$HALF_ROUNDS" "$r" "$n" "$(python3 -c "print($r/$n)")"
         done
     done
     echo
-    echo "Raw: router $R_HALVES; nginx $N_HALVES"
+    echo "Rounds (own time, JSON from bench/trace_halves.py):"
+    echo
+    for ((r = 0; r < HALF_ROUNDS; r++)); do
+        echo "- round $((r + 1)): router ${R_HALVES[$r]}; nginx ${N_HALVES[$r]}"
+    done
 } | tee "$RESULT_FILE"
 log "written to ${RESULT_FILE#"$ROOT"/}"
