@@ -4,8 +4,8 @@
 #   bash bench/router-cost.sh
 #
 # 1. User-space instructions per proxied request: router and nginx, one worker each, run
-#    under valgrind's callgrind, which counts instructions exactly (the same binary and load
-#    give the same count whatever else the machine does). Closed loop, CONNECTIONS_CG
+#    under valgrind's callgrind, which counts instructions, not time (the same binary and
+#    load give counts within 0.3% whatever else the machine does). Closed loop, CONNECTIONS_CG
 #    connections, counted over CG_DURATION seconds after a warm-up.
 # 2. System calls per request at RATE req/s (strace -c on the running proxy).
 # 3. The proxy's own time on the request path at RATE req/s, from syscall tracepoints
