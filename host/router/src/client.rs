@@ -27,8 +27,9 @@
 //!   kernel's interval (idle pooled connections are closed long before they matter, and a
 //!   stalled stream is cut by the forwarder's idle timeout).
 //!
-//! Requests may carry an absolute URI (`http://host:port/path`): the client connects to its
-//! authority, sends the path in origin form and sets `Host`.
+//! The request path sends to a prepared [`Target`] (`send`, origin-form requests); other
+//! callers may pass an absolute URI (`request`, `http://host:port/path`): the client
+//! connects to its authority, sends the path in origin form and sets `Host`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -93,8 +94,7 @@ impl Target {
     /// meant for the router's endpoints, a fixed set, never for per-request values.
     pub fn for_process(authority: &Authority) -> Target {
         let text: &'static str = Box::leak(authority.as_str().to_owned().into_boxed_str());
-        // `Host` never carries the URL's `user:pass@`.
-        let host = text.rsplit_once('@').map_or(text, |(_, host)| host);
+        let host = host_of(text);
         Target {
             authority: Authority::from_maybe_shared(Bytes::from_static(text.as_bytes()))
                 .expect("a parsed authority stays valid"),
@@ -106,6 +106,11 @@ impl Target {
     pub fn authority(&self) -> &Authority {
         &self.authority
     }
+}
+
+/// The `Host` value of an authority: without the URL's `user:pass@`.
+fn host_of(authority: &str) -> &str {
+    authority.rsplit_once('@').map_or(authority, |(_, host)| host)
 }
 
 /// Same authority: the same process-lifetime text (a [`Target`]'s), or equal text.
@@ -170,12 +175,8 @@ impl UpstreamClient {
         let origin = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(origin);
         if !req.headers().contains_key(header::HOST) {
-            // `Host` never carries the URL's `user:pass@`.
-            let host = match authority.as_str().rsplit_once('@') {
-                None => HeaderValue::from_str(authority.as_str()),
-                Some((_, host)) => HeaderValue::from_str(host),
-            }
-            .map_err(|_| ClientError::Connect(format!("invalid host {authority}")))?;
+            let host = HeaderValue::from_str(host_of(authority.as_str()))
+                .map_err(|_| ClientError::Connect(format!("invalid host {authority}")))?;
             req.headers_mut().insert(header::HOST, host);
         }
         self.send_origin(authority, req).await

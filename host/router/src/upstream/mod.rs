@@ -33,10 +33,9 @@ const EWMA_HALF_LIFE_MS: f64 = 2_000.0;
 
 pub struct Endpoint {
     pub index: usize,
-    pub name: String,
-    /// The name for per-request records. Endpoints are fixed at start, so the name is
-    /// kept for the process: copying it per request writes no shared reference count.
-    pub name_static: &'static str,
+    /// Endpoints are fixed at start, so the name is kept for the process: per-request
+    /// records copy it without writing a shared reference count.
+    pub name: &'static str,
     /// The name as the `x-switchyard-endpoint` header value (over the same text).
     pub header_value: http::HeaderValue,
     pub url: UpstreamUrl,
@@ -113,9 +112,8 @@ impl Drop for Attempt {
 
 impl Endpoint {
     fn new(index: usize, model: &str, cfg: &EndpointConfig, m: &ModelConfig, metrics: &Metrics) -> Endpoint {
-        let name = cfg.display_name();
-        let name_static: &'static str = Box::leak(name.clone().into_boxed_str());
-        let em = metrics.endpoint(model, &name);
+        let name: &'static str = Box::leak(cfg.display_name().into_boxed_str());
+        let em = metrics.endpoint(model, name);
         em.healthy.set(!cfg.start_unready as i64);
         Endpoint {
             index,
@@ -134,8 +132,7 @@ impl Endpoint {
             ejected_until_ms: AtomicU64::new(0),
             failure: Mutex::new(FailureState::new(m.circuit_breaker.clone(), m.outlier.clone())),
             metrics: em,
-            name_static,
-            header_value: http::HeaderValue::from_maybe_shared(bytes::Bytes::from_static(name_static.as_bytes()))
+            header_value: http::HeaderValue::from_maybe_shared(bytes::Bytes::from_static(name.as_bytes()))
                 .unwrap_or_else(|_| http::HeaderValue::from_static("invalid-name")),
             target: crate::client::Target::for_process(&cfg.url.authority),
             name,
